@@ -1,0 +1,67 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+// The "qmachined" error category and the errc name table.
+#include "libmachine/error.hpp"
+
+#include <array>
+#include <utility>
+
+namespace qm {
+namespace {
+
+// Public API via REST/D-Bus (error names derive from these), do not change.
+constexpr std::array<std::pair<errc, const char*>, 11> errc_names{{
+    {errc::invalid_argument, "invalid_argument"},
+    {errc::invalid_state, "invalid_state"},
+    {errc::timeout, "timeout"},
+    {errc::qmp_protocol, "qmp_protocol"},
+    {errc::qmp_message_too_large, "qmp_message_too_large"},
+    {errc::qmp_command_failed, "qmp_command_failed"},
+    {errc::qmp_disconnected, "qmp_disconnected"},
+    {errc::qmp_closed, "qmp_closed"},
+    {errc::connect_failed, "connect_failed"},
+    {errc::system_error, "system_error"},
+    {errc::spawn_failed, "spawn_failed"},
+}};
+
+class Category final : public boost::system::error_category
+{
+public:
+    const char* name() const noexcept override { return "qmachined"; }
+    std::string message(int ev) const override
+    {
+        switch (static_cast<errc>(ev)) {
+        case errc::invalid_argument: return "invalid argument";
+        case errc::invalid_state: return "operation not allowed in the current state";
+        case errc::timeout: return "timed out";
+        case errc::qmp_protocol: return "QMP protocol error";
+        case errc::qmp_message_too_large: return "QMP message too large";
+        case errc::qmp_command_failed: return "QMP command failed";
+        case errc::qmp_disconnected: return "QMP connection lost";
+        case errc::qmp_closed: return "QMP connection closed";
+        case errc::connect_failed: return "cannot connect to the monitor";
+        case errc::system_error: return "system call failed";
+        case errc::spawn_failed: return "cannot start process";
+        }
+        return "unknown qmachined error";
+    }
+};
+
+} // namespace
+
+const boost::system::error_category& qm_category() noexcept
+{
+    static const Category category;
+    return category;
+}
+
+const char* to_string(errc e) noexcept
+{
+    for (const auto& [code, name] : errc_names) {
+        if (code == e) {
+            return name;
+        }
+    }
+    return "unknown";
+}
+
+} // namespace qm

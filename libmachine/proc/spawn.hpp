@@ -1,0 +1,30 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+// Starting a child process without a shell: argv as given, stdin from /dev/null, stdout and
+// stderr appended to a log file (as the seed does: a file outlives us, a pipe would not).
+#pragma once
+
+#include <sys/types.h>
+
+#include <string>
+#include <vector>
+
+#include "libmachine/expected.hpp"
+
+namespace qm::proc {
+
+struct SpawnOptions
+{
+    // Where stdout and stderr go (created 0600, appended to); empty means /dev/null.
+    std::string log_path;
+    // Start the child in a session of its own, so signals to our process group do not reach it.
+    bool new_session = true;
+};
+
+// Starts argv[0] (searched in PATH when it has no '/'). The caller owns the pid and must reap it.
+// errc::invalid_argument (empty argv), errc::spawn_failed (with the reason and the command line).
+expected<pid_t> spawn(const std::vector<std::string>& argv, const SpawnOptions& options = {});
+
+// The command line for messages and logs, each argument quoted when it needs to be.
+std::string format_command_line(const std::vector<std::string>& argv);
+
+} // namespace qm::proc
