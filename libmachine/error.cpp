@@ -9,7 +9,7 @@ namespace qm {
 namespace {
 
 // Public API via REST/D-Bus (error names derive from these), do not change.
-constexpr std::array<std::pair<errc, const char*>, 11> errc_names{{
+constexpr std::array<std::pair<errc, const char*>, 12> errc_names{{
     {errc::invalid_argument, "invalid_argument"},
     {errc::invalid_state, "invalid_state"},
     {errc::timeout, "timeout"},
@@ -21,8 +21,10 @@ constexpr std::array<std::pair<errc, const char*>, 11> errc_names{{
     {errc::connect_failed, "connect_failed"},
     {errc::system_error, "system_error"},
     {errc::spawn_failed, "spawn_failed"},
+    {errc::abnormal_shutdown, "abnormal_shutdown"},
 }};
 
+// NOLINTNEXTLINE(cppcoreguidelines-virtual-class-destructor): one static instance, never deleted
 class Category final : public boost::system::error_category
 {
 public:
@@ -41,6 +43,7 @@ public:
         case errc::connect_failed: return "cannot connect to the monitor";
         case errc::system_error: return "system call failed";
         case errc::spawn_failed: return "cannot start process";
+        case errc::abnormal_shutdown: return "could not perform graceful shutdown";
         }
         return "unknown qmachined error";
     }

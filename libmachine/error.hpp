@@ -12,7 +12,7 @@ namespace qm {
 // Each value is a failure a caller must be able to tell apart. Front ends map every value to an
 // HTTP status and a D-Bus error name (tests check that the tables are complete). The numeric values
 // are not part of any wire format; the names from to_string() are (Public API, do not change).
-enum class errc {
+enum class errc { // NOLINT(readability-identifier-naming): mirrors std::errc
     // The caller's request is malformed (bad name, bad JSON, option not negotiated, ...).
     invalid_argument = 1,
     // The object is not in a state that allows the operation (not connected, already launched, ...).
@@ -36,6 +36,8 @@ enum class errc {
     system_error,
     // Could not start a process.
     spawn_failed,
+    // A graceful shutdown failed (no exit in time, QMP error) and the process was killed.
+    abnormal_shutdown,
 };
 
 const boost::system::error_category& qm_category() noexcept;

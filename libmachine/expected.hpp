@@ -13,7 +13,7 @@
 namespace qm {
 
 template <typename E>
-class unexpected
+class unexpected // NOLINT(readability-identifier-naming): std::unexpected's name
 {
 public:
     explicit unexpected(E e) : error_(std::move(e)) {}
@@ -26,7 +26,7 @@ private:
 };
 
 template <typename T>
-class [[nodiscard]] expected
+class [[nodiscard]] expected // NOLINT(readability-identifier-naming): std::expected's name
 {
 public:
     using value_type = T;

@@ -5,6 +5,7 @@
 
 #include <sys/types.h>
 
+#include <cstddef>
 #include <string>
 #include <vector>
 
@@ -15,13 +16,24 @@ namespace qm::proc {
 struct SpawnOptions
 {
     // Where stdout and stderr go (created 0600, appended to); empty means /dev/null.
-    std::string log_path;
+    std::string log_path{};
+    // Instead of log_path: an open descriptor for stdout and stderr (the caller keeps it).
+    int log_fd = -1;
     // Start the child in a session of its own, so signals to our process group do not reach it.
     bool new_session = true;
+    // Descriptors the child inherits, as 3, 4, 5, ... in this order (see inherited_fd_number).
+    // Every other descriptor is closed in the child, whatever its O_CLOEXEC flag.
+    std::vector<int> inherit_fds{};
 };
 
+// The descriptor number the child sees for inherit_fds[index].
+constexpr int inherited_fd_number(std::size_t index)
+{
+    return 3 + static_cast<int>(index);
+}
+
 // Starts argv[0] (searched in PATH when it has no '/'). The caller owns the pid and must reap it.
-// errc::invalid_argument (empty argv), errc::spawn_failed (with the reason and the command line).
+// errc::invalid_argument (empty argv), errc::spawn_failed (naming argv[0] and the reason).
 expected<pid_t> spawn(const std::vector<std::string>& argv, const SpawnOptions& options = {});
 
 // The command line for messages and logs, each argument quoted when it needs to be.

@@ -113,7 +113,7 @@ std::string Address::chardev_options() const
     return fmt::format("host={},port={}", host, port);
 }
 
-Listener::Listener(asio::any_io_executor ex) : acceptor_(std::move(ex)) {}
+Listener::Listener(const asio::any_io_executor& ex) : acceptor_(ex) {}
 
 Listener::Listener(Listener&&) noexcept = default;
 
@@ -132,9 +132,9 @@ Listener::~Listener()
     close();
 }
 
-expected<Listener> Listener::open(asio::any_io_executor ex, const Address& address)
+expected<Listener> Listener::open(const asio::any_io_executor& ex, const Address& address)
 {
-    Listener l(std::move(ex));
+    Listener l(ex);
     error_code ec;
     asio::generic::stream_protocol::endpoint ep;
     if (address.kind == Address::Kind::unix_path) {

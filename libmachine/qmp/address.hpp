@@ -42,7 +42,7 @@ struct Address
 class Listener
 {
 public:
-    static expected<Listener> open(asio::any_io_executor ex, const Address& address);
+    static expected<Listener> open(const asio::any_io_executor& ex, const Address& address);
 
     Listener(Listener&&) noexcept;
     Listener& operator=(Listener&&) noexcept;
@@ -59,7 +59,7 @@ public:
     void close();
 
 private:
-    explicit Listener(asio::any_io_executor ex);
+    explicit Listener(const asio::any_io_executor& ex);
 
     asio::basic_socket_acceptor<asio::generic::stream_protocol> acceptor_;
     Address address_;

@@ -366,7 +366,7 @@ void Client::handle_event(Event event)
 {
     spdlog::debug("qmp[{}]: event {}", label(), event.name());
     // Handlers may subscribe or unsubscribe: index-based, and unsubscribe only clears the slot.
-    for (std::size_t i = 0; i < subscribers_.size(); ++i) {
+    for (std::size_t i = 0; i < subscribers_.size(); ++i) { // NOLINT(modernize-loop-convert)
         if (subscribers_[i].second) {
             auto handler = subscribers_[i].second; // may be reallocated by the call
             handler(event);
@@ -644,6 +644,11 @@ void Client::on_disconnect(DisconnectHandler handler)
 void Client::close()
 {
     disconnect(make_error(errc::qmp_closed, "QMP connection closed"));
+}
+
+void Client::close(Error reason)
+{
+    disconnect(std::move(reason));
 }
 
 void Client::disconnect(Error reason)

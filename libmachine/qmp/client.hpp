@@ -28,9 +28,9 @@ using namespace std::chrono_literals;
 struct ClientOptions
 {
     // Name used in debug logs ("vm1"); defaults to the peer's address.
-    std::string name;
+    std::string name{};
     // The largest message accepted (query-qmp-schema is ~200 KiB on QEMU 7.2).
-    std::size_t max_message_size = 16 * 1024 * 1024;
+    std::size_t max_message_size = std::size_t{16} << 20;
     // Events kept for pull_event()/wait_event(); the oldest is dropped beyond it. 0 keeps none.
     std::size_t event_queue_limit = 1024;
     // From connect/start to the end of capabilities negotiation (the seed's qmp_timer: 30 s).
@@ -44,7 +44,7 @@ struct ClientOptions
 struct CallOptions
 {
     // Overrides ClientOptions::command_timeout for this call.
-    std::optional<std::chrono::milliseconds> timeout;
+    std::optional<std::chrono::milliseconds> timeout{};
     // Send as "exec-oob" (needs oob negotiated): QEMU runs it without waiting for earlier commands.
     bool oob = false;
     // A file descriptor sent with SCM_RIGHTS alongside the command (for getfd, add-fd). The client
@@ -109,8 +109,10 @@ public:
 
     // Called exactly once when the connection ends, whatever ends it (also for close()).
     void on_disconnect(DisconnectHandler handler);
-    // Ends the connection (idempotent); pending commands and waits fail with errc::qmp_closed.
+    // Ends the connection (idempotent); pending commands and waits fail with errc::qmp_closed,
+    // or with `reason` (e.g. "QEMU exited" from the owner that saw the process end).
     void close();
+    void close(Error reason);
 
     State state() const noexcept { return state_; }
     bool is_connected() const noexcept { return state_ == State::running; }

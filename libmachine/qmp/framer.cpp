@@ -10,7 +10,7 @@
 namespace qm::qmp {
 namespace {
 
-constexpr std::size_t idle_capacity = 64 * 1024;
+constexpr std::size_t idle_capacity = std::size_t{64} * 1024;
 
 bool is_blank(std::string_view s)
 {
@@ -49,6 +49,9 @@ void Framer::commit(std::size_t n)
 
 void Framer::feed(std::string_view bytes)
 {
+    if (bytes.empty()) {
+        return; // memcpy's pointers must not be null, even for 0 bytes (an empty buffer has none)
+    }
     auto dst = prepare(bytes.size());
     std::memcpy(dst.data(), bytes.data(), bytes.size());
     commit(bytes.size());
@@ -61,7 +64,12 @@ expected<std::optional<std::string_view>> Framer::next()
         const void* nl = scan_ < end_ ? std::memchr(base + scan_, '\n', end_ - scan_) : nullptr;
         if (nl == nullptr) {
             scan_ = end_;
-            if (end_ - begin_ > max_size_) {
+            // A trailing '\r' may be the first half of the message's CRLF: not message bytes.
+            std::size_t partial = end_ - begin_;
+            if (partial > 0 && buf_[end_ - 1] == '\r') {
+                --partial;
+            }
+            if (partial > max_size_) {
                 return fail(errc::qmp_message_too_large,
                             fmt::format("QMP message exceeds {} bytes", max_size_));
             }

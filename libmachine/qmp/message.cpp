@@ -182,7 +182,7 @@ expected<EventFilter> EventFilter::with_match(std::string name, std::string_view
 
 bool EventFilter::matches(const Event& e) const
 {
-    return e.name() == name && event_match(e.message(), match);
+    return (name.empty() || e.name() == name) && event_match(e.message(), match);
 }
 
 } // namespace qm::qmp

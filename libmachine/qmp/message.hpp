@@ -79,7 +79,8 @@ Error command_error(std::string_view command, const json::Value& msg);
 // - anything else matches when equal (numbers by value).
 bool event_match(const json::Value& event, const json::Value& match);
 
-// One (name, match) pair of the seed's events_wait. `match` is null when absent.
+// One (name, match) pair of the seed's events_wait. `match` is null when absent; an empty name
+// matches any event.
 struct EventFilter
 {
     std::string name;

@@ -2,17 +2,17 @@
 // A scripted fake QMP server over a socketpair, for what real QEMU cannot be made to do.
 #include "tests/support/fake_qmp_peer.hpp"
 
-#include <linux/sockios.h>
-#include <sys/ioctl.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
 #include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <stdexcept>
 #include <string_view>
 #include <utility>
+
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <fmt/format.h>
 #include <gtest/gtest.h>
@@ -72,7 +72,11 @@ Expectation& Expectation::then_close()
 
 struct FakeQmpPeer::State
 {
-    explicit State(asio::io_context& ioc) : ex(ioc.get_executor()), socket(ioc), wake(ioc) {}
+    explicit State(asio::io_context& ioc)
+        : ex(ioc.get_executor())
+        , socket(ioc)
+        , wake(ioc)
+    {}
 
     struct Output
     {
@@ -93,6 +97,7 @@ struct FakeQmpPeer::State
     std::string inbuf;
     bool client_closed = false;
     bool closed = false;
+    bool reading = true;
     std::size_t written = 0;
 
     void enqueue(Output out)
@@ -133,12 +138,12 @@ std::string reply_json(const std::string& id, const std::string& body)
 
 std::string return_body(const std::string& value_json)
 {
-    return fmt::format("\"return\": {}", value_json);
+    return fmt::format(R"("return": {})", value_json);
 }
 
 std::string error_body(const std::string& cls, const std::string& desc)
 {
-    return fmt::format("\"error\": {{\"class\": {}, \"desc\": {}}}", json::quote(cls),
+    return fmt::format(R"("error": {{"class": {}, "desc": {}}})", json::quote(cls),
                        json::quote(desc));
 }
 
@@ -195,8 +200,8 @@ void FakeQmpPeer::State::on_line(std::string_view line)
         ADD_FAILURE() << "fake QMP peer: unexpected command \"" << cmd.name << "\" (expected "
                       << (script.empty() ? std::string("none") : '"' + script.front().command + '"')
                       << "): " << cmd.raw;
-        send_line(reply_json(cmd.id, error_body("CommandNotFound",
-                                                "The command " + cmd.name + " has not been found")));
+        send_line(reply_json(cmd.id, error_body("CommandNotFound", "The command " + cmd.name +
+                                                                       " has not been found")));
         return;
     }
     Expectation e = std::move(script.front());
@@ -215,11 +220,14 @@ void FakeQmpPeer::State::answer(const ReceivedCommand& cmd, const Expectation& e
         send_line(ev);
     }
     switch (e.reply) {
-    case Expectation::Reply::value: send_line(reply_json(cmd.id, return_body(e.value))); break;
+    case Expectation::Reply::value:
+        send_line(reply_json(cmd.id, return_body(e.value)));
+        break;
     case Expectation::Reply::error:
         send_line(reply_json(cmd.id, error_body(e.error_class, e.error_desc)));
         break;
-    case Expectation::Reply::none: break;
+    case Expectation::Reply::none:
+        break;
     }
     for (const auto& ev : e.after) {
         send_line(ev);
@@ -237,7 +245,7 @@ awaitable<void> read_loop(std::shared_ptr<FakeQmpPeer::State> s)
     for (;;) {
         error_code ec;
         co_await s->socket.async_wait(asio::socket_base::wait_read, use_ec(ec));
-        if (ec || s->closed) {
+        if (ec || s->closed || !s->reading) {
             co_return;
         }
         char buf[4096];
@@ -248,7 +256,8 @@ awaitable<void> read_loop(std::shared_ptr<FakeQmpPeer::State> s)
         msg.msg_iovlen = 1;
         msg.msg_control = control;
         msg.msg_controllen = sizeof(control);
-        const ssize_t n = ::recvmsg(s->socket.native_handle(), &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+        const ssize_t n =
+            ::recvmsg(s->socket.native_handle(), &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
         if (n < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
                 continue;
@@ -339,7 +348,8 @@ void log_failure(const std::exception_ptr& e, const char* what)
 
 //---- the peer -----------------------------------------------------------------------------------
 
-FakeQmpPeer::FakeQmpPeer(asio::io_context& ioc) : s_(std::make_shared<State>(ioc))
+FakeQmpPeer::FakeQmpPeer(asio::io_context& ioc)
+    : s_(std::make_shared<State>(ioc))
 {
     int sv[2] = {-1, -1};
     if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) {
@@ -347,16 +357,18 @@ FakeQmpPeer::FakeQmpPeer(asio::io_context& ioc) : s_(std::make_shared<State>(ioc
     }
     s_->socket.assign(asio::local::stream_protocol(), sv[0]);
     s_->client_fd = sv[1];
-    asio::co_spawn(ioc, read_loop(s_), [](const std::exception_ptr& e) { log_failure(e, "reader"); });
-    asio::co_spawn(ioc, write_loop(s_), [](const std::exception_ptr& e) { log_failure(e, "writer"); });
+    asio::co_spawn(ioc, read_loop(s_),
+                   [](const std::exception_ptr& e) { log_failure(e, "reader"); });
+    asio::co_spawn(ioc, write_loop(s_),
+                   [](const std::exception_ptr& e) { log_failure(e, "writer"); });
 }
 
 FakeQmpPeer::~FakeQmpPeer()
 {
     if (check_unused_ && !s_->script.empty()) {
         ADD_FAILURE() << "fake QMP peer: " << s_->script.size()
-                      << " expected command(s) never came, the first: \"" << s_->script.front().command
-                      << '"';
+                      << " expected command(s) never came, the first: \""
+                      << s_->script.front().command << '"';
     }
     s_->close_socket();
     s_->outbox.clear();
@@ -377,7 +389,7 @@ qmp::Socket FakeQmpPeer::take_client_socket()
         throw std::logic_error("fake QMP peer: the client socket was already taken");
     }
     const int fd = std::exchange(s_->client_fd, -1);
-    return qmp::Socket(s_->ex, asio::generic::stream_protocol(AF_UNIX, SOCK_STREAM), fd);
+    return {s_->ex, asio::generic::stream_protocol(AF_UNIX, SOCK_STREAM), fd};
 }
 
 std::string FakeQmpPeer::qemu_7_2_greeting(const std::vector<std::string>& capabilities)
@@ -387,9 +399,10 @@ std::string FakeQmpPeer::qemu_7_2_greeting(const std::vector<std::string>& capab
         caps += (caps.empty() ? "" : ", ") + json::quote(c);
     }
     // What qemu-system-x86_64 7.2.22 from Debian 12 sends, member order included.
-    return fmt::format(R"({{"QMP": {{"version": {{"qemu": {{"micro": 22, "minor": 2, "major": 7}}, )"
-                       R"("package": "Debian 1:7.2+dfsg-7+deb12u18+b3"}}, "capabilities": [{}]}}}})",
-                       caps);
+    return fmt::format(
+        R"({{"QMP": {{"version": {{"qemu": {{"micro": 22, "minor": 2, "major": 7}}, )"
+        R"("package": "Debian 1:7.2+dfsg-7+deb12u18+b3"}}, "capabilities": [{}]}}}})",
+        caps);
 }
 
 std::string FakeQmpPeer::qemu_7_2_greeting()
@@ -451,6 +464,20 @@ void FakeQmpPeer::write_split(std::string bytes, std::size_t chunk)
 void FakeQmpPeer::close()
 {
     s_->enqueue(State::Output{{}, 0, true});
+}
+
+void FakeQmpPeer::stop_reading()
+{
+    s_->reading = false;
+}
+
+std::size_t FakeQmpPeer::unread_input()
+{
+    int n = 0;
+    if (s_->closed || ::ioctl(s_->socket.native_handle(), FIONREAD, &n) < 0) {
+        return 0;
+    }
+    return static_cast<std::size_t>(n);
 }
 
 const std::vector<ReceivedCommand>& FakeQmpPeer::commands() const

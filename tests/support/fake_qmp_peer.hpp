@@ -45,11 +45,11 @@ struct Expectation
 struct ReceivedCommand
 {
     std::string name;
-    bool oob = false;       // sent with "exec-oob" rather than "execute"
-    std::string id;         // the "id" as JSON text; "" when there was none
-    std::string arguments;  // the "arguments" as compact JSON; "" when there were none
-    std::string raw;        // the line as received, without its line end
-    std::vector<int> fds;   // descriptors that came with it (SCM_RIGHTS); the peer owns them
+    bool oob = false;      // sent with "exec-oob" rather than "execute"
+    std::string id;        // the "id" as JSON text; "" when there was none
+    std::string arguments; // the "arguments" as compact JSON; "" when there were none
+    std::string raw;       // the line as received, without its line end
+    std::vector<int> fds;  // descriptors that came with it (SCM_RIGHTS); the peer owns them
 };
 
 // The server end of a socketpair, driven by coroutines on the test's io_context. The client gets
@@ -95,6 +95,11 @@ public:
     void write_split(std::string bytes, std::size_t chunk = 1);
     // Closes the connection once everything queued before it is written.
     void close();
+    // Reads nothing more: what the client sends next stays in the socket, and a close() then makes
+    // the client's next read fail with ECONNRESET (as after QEMU's quit).
+    void stop_reading();
+    // Bytes the client sent that the peer has not read.
+    std::size_t unread_input();
 
     const std::vector<ReceivedCommand>& commands() const;
     // Expectations not yet consumed.

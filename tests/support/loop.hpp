@@ -34,6 +34,16 @@ inline bool run_until(asio::io_context& ioc, const std::function<bool()>& done,
     return true;
 }
 
+namespace detail {
+// Asio 1.74's co_spawn hands a default-constructed T to its handler when the coroutine throws, so
+// results are passed out through an optional instead (expected<Event> has no default).
+template <typename T>
+awaitable<void> store_result(awaitable<T> aw, std::optional<T>* out)
+{
+    out->emplace(co_await std::move(aw));
+}
+} // namespace detail
+
 // Runs the coroutine `aw` on `ioc` until it completes (or `deadline` passes: throws) and returns
 // its result. Exceptions from the coroutine are rethrown.
 template <typename T>
@@ -42,13 +52,11 @@ T run_co(asio::io_context& ioc, awaitable<T> aw, std::chrono::milliseconds deadl
     std::optional<T> result;
     std::exception_ptr error;
     bool finished = false;
-    asio::co_spawn(ioc, std::move(aw), [&](std::exception_ptr e, T value) {
-        finished = true;
-        error = e;
-        if (!e) {
-            result.emplace(std::move(value));
-        }
-    });
+    asio::co_spawn(ioc, detail::store_result(std::move(aw), &result),
+                   [&](const std::exception_ptr& e) {
+                       finished = true;
+                       error = e;
+                   });
     if (!run_until(ioc, [&] { return finished; }, deadline)) {
         throw std::runtime_error("coroutine did not finish before the deadline");
     }
@@ -62,7 +70,7 @@ inline void run_co(asio::io_context& ioc, awaitable<void> aw, std::chrono::milli
 {
     std::exception_ptr error;
     bool finished = false;
-    asio::co_spawn(ioc, std::move(aw), [&](std::exception_ptr e) {
+    asio::co_spawn(ioc, std::move(aw), [&](const std::exception_ptr& e) {
         finished = true;
         error = e;
     });

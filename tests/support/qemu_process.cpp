@@ -2,20 +2,20 @@
 // A real QEMU for tests and the benchmark: temp dir, monitors, log, reaping.
 #include "tests/support/qemu_process.hpp"
 
-#include <netinet/in.h>
-#include <signal.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <cerrno>
+#include <csignal>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <fstream>
 #include <sstream>
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -36,7 +36,9 @@ constexpr auto exit_poll_interval = 20ms;
 
 bool is_executable(const fs::path& p)
 {
-    struct stat st{};
+    struct stat st
+    {
+    };
     return ::stat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode) && ::access(p.c_str(), X_OK) == 0;
 }
 
@@ -58,7 +60,8 @@ expected<std::uint16_t> free_tcp_port()
         ::getsockname(fd, reinterpret_cast<sockaddr*>(&sa), &len) != 0) {
         const int err = errno;
         ::close(fd);
-        return fail(errc::system_error, fmt::format("cannot pick a TCP port: {}", std::strerror(err)));
+        return fail(errc::system_error,
+                    fmt::format("cannot pick a TCP port: {}", std::strerror(err)));
     }
     ::close(fd);
     return static_cast<std::uint16_t>(ntohs(sa.sin_port));
@@ -97,7 +100,8 @@ QemuProcess::QemuProcess(asio::io_context& ioc, QemuOptions options)
     , options_(std::move(options))
 {}
 
-expected<std::unique_ptr<QemuProcess>> QemuProcess::start(asio::io_context& ioc, QemuOptions options)
+expected<std::unique_ptr<QemuProcess>> QemuProcess::start(asio::io_context& ioc,
+                                                          QemuOptions options)
 {
     if (options.monitors < 1) {
         return fail(errc::invalid_argument, "QEMU needs at least one monitor");
@@ -120,9 +124,10 @@ expected<std::unique_ptr<QemuProcess>> QemuProcess::start(asio::io_context& ioc,
     for (int i = 0; i < o.monitors; ++i) {
         qmp::Address address;
         if (o.monitor == QemuOptions::Monitor::test_listens) {
-            const auto wanted = o.tcp ? qmp::Address::tcp("127.0.0.1", 0)
-                                      : qmp::Address::unix_socket(
-                                            (q->dir_ / fmt::format("qmp{}.sock", i)).string());
+            const auto wanted =
+                o.tcp
+                    ? qmp::Address::tcp("127.0.0.1", 0)
+                    : qmp::Address::unix_socket((q->dir_ / fmt::format("qmp{}.sock", i)).string());
             auto listener = qmp::Listener::open(ioc.get_executor(), wanted);
             if (!listener) {
                 return fail(listener.error());
@@ -150,7 +155,9 @@ expected<std::unique_ptr<QemuProcess>> QemuProcess::start(asio::io_context& ioc,
     }
     argv.insert(argv.end(), o.extra_args.begin(), o.extra_args.end());
 
-    auto pid = proc::spawn(argv, {.log_path = q->log_path_.string()});
+    proc::SpawnOptions spawn_options;
+    spawn_options.log_path = q->log_path_.string();
+    auto pid = proc::spawn(argv, spawn_options);
     if (!pid) {
         return fail(pid.error());
     }
@@ -204,7 +211,8 @@ bool QemuProcess::running()
 
 bool QemuProcess::wait_exit(std::chrono::milliseconds deadline)
 {
-    return run_until(ioc_, [this] { return !running(); }, deadline);
+    return run_until(
+        ioc_, [this] { return !running(); }, deadline);
 }
 
 void QemuProcess::kill()
@@ -246,7 +254,7 @@ std::string QemuProcess::describe_exit() const
 }
 
 awaitable<expected<qmp::Socket>> QemuProcess::monitor_socket(int index,
-                                                              std::chrono::milliseconds timeout)
+                                                             std::chrono::milliseconds timeout)
 {
     if (index < 0 || index >= options_.monitors) {
         co_return fail(errc::invalid_argument, fmt::format("QEMU has no monitor {}", index));
@@ -258,7 +266,7 @@ awaitable<expected<qmp::Socket>> QemuProcess::monitor_socket(int index,
 }
 
 awaitable<expected<qmp::Socket>> QemuProcess::accept_monitor(int index,
-                                                              std::chrono::milliseconds timeout)
+                                                             std::chrono::milliseconds timeout)
 {
     auto& listener = listeners_.at(index);
     if (!listener) {
@@ -315,7 +323,7 @@ awaitable<void> QemuProcess::close_listener_on_exit(QemuProcess* self,
 }
 
 awaitable<expected<qmp::Socket>> QemuProcess::connect_monitor(int index,
-                                                               std::chrono::milliseconds timeout)
+                                                              std::chrono::milliseconds timeout)
 {
     const qmp::Address address = addresses_.at(index);
     asio::steady_timer retry(co_await asio::this_coro::executor);
@@ -329,20 +337,20 @@ awaitable<expected<qmp::Socket>> QemuProcess::connect_monitor(int index,
         }
         // ENOENT / ECONNREFUSED: QEMU has not created or bound its socket yet.
         if (!running()) {
-            co_return fail(with_log(Error{make_error_code(errc::connect_failed),
-                                          "QEMU exited before serving its monitor: " +
-                                              socket.error().message,
-                                          {},
-                                          {}}));
+            co_return fail(
+                with_log(Error{make_error_code(errc::connect_failed),
+                               "QEMU exited before serving its monitor: " + socket.error().message,
+                               {},
+                               {}}));
         }
         if (std::chrono::steady_clock::now() >= end) {
-            co_return fail(with_log(Error{make_error_code(errc::timeout),
-                                          fmt::format("QEMU's monitor {} did not accept within "
-                                                      "{} ms: {}",
-                                                      address.to_string(), timeout.count(),
-                                                      socket.error().message),
-                                          {},
-                                          {}}));
+            co_return fail(with_log(
+                Error{make_error_code(errc::timeout),
+                      fmt::format("QEMU's monitor {} did not accept within "
+                                  "{} ms: {}",
+                                  address.to_string(), timeout.count(), socket.error().message),
+                      {},
+                      {}}));
         }
         retry.expires_after(connect_retry_interval);
         error_code ec;

@@ -3,14 +3,14 @@
 // monitors (we listen, or QEMU listens; unix or TCP), its log, and its reaping.
 #pragma once
 
-#include <sys/types.h>
-
 #include <chrono>
 #include <filesystem>
 #include <memory>
 #include <optional>
 #include <string>
 #include <vector>
+
+#include <sys/types.h>
 
 #include "libmachine/asio.hpp"
 #include "libmachine/expected.hpp"
@@ -39,7 +39,7 @@ struct QemuOptions
     // Start with -S: the machine stays in "prelaunch" until `cont`.
     bool paused = false;
     // Appended to the command line.
-    std::vector<std::string> extra_args;
+    std::vector<std::string> extra_args{};
 };
 
 // One QEMU process. The destructor SIGKILLs it if it still runs, reaps it (a blocking waitpid:
@@ -81,10 +81,9 @@ public:
     awaitable<expected<qmp::Socket>> monitor_socket(int index, std::chrono::milliseconds timeout);
 
     // A client negotiated on monitor `index` (monitor_socket() + Client::start()).
-    awaitable<expected<std::shared_ptr<qmp::Client>>> attach(qmp::ClientOptions options,
-                                                             int index = 0,
-                                                             std::chrono::milliseconds timeout =
-                                                                 std::chrono::seconds(10));
+    awaitable<expected<std::shared_ptr<qmp::Client>>>
+    attach(qmp::ClientOptions options, int index = 0,
+           std::chrono::milliseconds timeout = std::chrono::seconds(10));
 
     // Reaps QEMU if it has exited (waitpid WNOHANG); true while it runs.
     bool running();
@@ -106,7 +105,9 @@ private:
 
     struct ExitWatch
     {
-        explicit ExitWatch(const asio::any_io_executor& ex) : timer(ex) {}
+        explicit ExitWatch(const asio::any_io_executor& ex)
+            : timer(ex)
+        {}
         asio::steady_timer timer;
         bool done = false;
         bool exited = false;
