@@ -28,6 +28,7 @@
 
 #include <fmt/format.h>
 
+#include "bench/stats.hpp"
 #include "libmachine/asio.hpp"
 #include "libmachine/json.hpp"
 #include "libmachine/qmp/client.hpp"
@@ -37,6 +38,7 @@ namespace {
 
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
+using qm::bench::percentile;
 using qm::test::QemuOptions;
 using qm::test::QemuProcess;
 
@@ -71,18 +73,6 @@ struct Variant
 double elapsed_us(Clock::time_point from, Clock::time_point to)
 {
     return std::chrono::duration<double, std::micro>(to - from).count();
-}
-
-// Nearest-rank percentile of `v` (0 < p <= 100).
-double percentile(std::vector<double> v, double p)
-{
-    if (v.empty()) {
-        return std::nan("");
-    }
-    std::sort(v.begin(), v.end());
-    const auto rank =
-        static_cast<std::size_t>(std::ceil(p / 100.0 * static_cast<double>(v.size())));
-    return v[std::clamp<std::size_t>(rank, 1, v.size()) - 1];
 }
 
 // Runs `aw` on `ioc` to completion. The clients' readers keep the loop busy forever, so the

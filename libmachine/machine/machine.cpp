@@ -361,7 +361,13 @@ void Machine::handle_exit(const proc::ExitStatus& status)
                              ? !our_signal && !(shutting_down_ && status.signal == SIGTERM)
                              : (status.kind == proc::ExitStatus::Kind::exited && status.code != 0 &&
                                 !asked);
-    set_state(crashed ? MachineState::crashed : MachineState::stopped);
+    if (launching_) {
+        for (auto& w : waiters_) {
+            w->timer.cancel();
+        }
+    } else {
+        set_state(crashed ? MachineState::crashed : MachineState::stopped);
+    }
     if (on_exit_) {
         on_exit_(status);
     }
@@ -435,19 +441,21 @@ awaitable<expected<void>> Machine::launch()
     full_args_.clear();
     launching_ = true;
     auto result = co_await do_launch();
-    launching_ = false;
     if (!result) {
         // The seed's launch(): clean up, then expose the command line and the output.
         if (pid_ > 0 && !exit_status_) {
+            user_killed_ = true;
             ::kill(pid_, SIGKILL);
             co_await wait_for_exit(hard_kill_wait);
         }
         post_shutdown();
+        launching_ = false;
         set_state(MachineState::failed);
         Error e = launch_error(std::move(result).error());
         spdlog::debug("machine[{}]: launch failed: {}", config_.name, e.message);
         co_return fail(std::move(e));
     }
+    launching_ = false;
     launched_ = true;
     co_return result;
 }
@@ -556,14 +564,20 @@ awaitable<expected<void>> Machine::do_launch()
         co_return fail(greeting.error());
     }
     client_->on_disconnect([this, life = std::weak_ptr<int>(life_)](const Error& e) {
-        if (life.expired() || exit_status_ || quit_issued_ || shutting_down_) {
+        if (life.expired() || exit_status_ || quit_issued_ || shutting_down_ ||
+            state_ == MachineState::stopping) {
             return;
         }
-        // The monitor went away while the process lives: it no longer answers us.
         spdlog::debug("machine[{}]: QMP lost: {}", config_.name, e.message);
-        if (has_process(state_)) {
-            set_state(MachineState::unresponsive);
-        }
+        auto grace = std::make_shared<asio::steady_timer>(ioc_, std::chrono::seconds(1));
+        grace->async_wait([this, life, grace](error_code) {
+            if (life.expired() || exit_status_ || quit_issued_ || shutting_down_) {
+                return;
+            }
+            if (has_process(state_)) {
+                set_state(MachineState::unresponsive);
+            }
+        });
     });
     // Events are the truth about the run state; the initial state is asked once.
     auto status = co_await client_->execute("query-status");

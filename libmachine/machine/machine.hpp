@@ -42,7 +42,7 @@ struct MachineConfig
     // Where QMP is: by default a unix socket "<sock_dir>/<name>-monitor.sock" that the machine
     // listens on and QEMU connects to (removed as soon as QEMU has connected).
     std::optional<qmp::Address> monitor_address{};
-    // Where sockets are created; the temporary directory when empty.
+    // Where sockets are created; base_temp_dir when empty (as the seed).
     std::string sock_dir{};
     // Console (set_console): keep reading it into a buffer, and/or its log file (QEMU's own
     // logfile=, appended to, which captures everything from the first byte).
@@ -97,7 +97,8 @@ public:
     void set_qmp_monitor(bool enabled = true);
     void add_monitor_null();
     // Passes `fd` to QEMU at launch as `-add-fd fd=N,set=fdset,opaque=...`; N is the number the
-    // child sees. The Machine keeps a duplicate until launch; the caller keeps its own.
+    // child sees. The Machine keeps a duplicate for every (re)launch until it is destroyed; the
+    // caller keeps its own.
     expected<void> add_fd(int fd, int fdset, std::string opaque, std::string opts = {});
 
     // The command line launch() runs: wrapper, binary, base arguments, extra arguments.

@@ -1,0 +1,25 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+// Statistics shared by the benchmarks: nearest-rank percentiles of a sample.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <vector>
+
+namespace qm::bench {
+
+// Nearest-rank percentile of `v` (0 < p <= 100); NaN for an empty sample. With fewer than 100
+// samples, p99 is the largest one.
+inline double percentile(std::vector<double> v, double p)
+{
+    if (v.empty()) {
+        return std::nan("");
+    }
+    std::sort(v.begin(), v.end());
+    const auto rank =
+        static_cast<std::size_t>(std::ceil(p / 100.0 * static_cast<double>(v.size())));
+    return v[std::clamp<std::size_t>(rank, 1, v.size()) - 1];
+}
+
+} // namespace qm::bench
