@@ -94,6 +94,18 @@ const EventRule* find_rule(std::string_view event)
 
 } // namespace
 
+const char* to_string(ShutdownStep step) noexcept
+{
+    switch (step) {
+    case ShutdownStep::none: return "none";
+    case ShutdownStep::exited: return "exited";
+    case ShutdownStep::guest_poweroff: return "guest-poweroff";
+    case ShutdownStep::quit: return "quit";
+    case ShutdownStep::kill: return "kill";
+    }
+    return "none";
+}
+
 // A coroutine waiting for a predicate over the machine's state; woken at every state change.
 struct Machine::StateWaiter
 {
@@ -121,6 +133,9 @@ Machine::~Machine()
     }
     if (client_) {
         client_->close();
+    }
+    if (console_) {
+        console_->close();
     }
     listener_.reset();
     for (int fd : pass_fds_) {
@@ -333,6 +348,12 @@ void Machine::set_qemu_status(std::string_view status)
 
 void Machine::handle_event(const qmp::Event& event)
 {
+    if (event.name() == "SHUTDOWN") {
+        // Which step ended the process: the guest itself, or a quit (ours or anyone's).
+        const json::Value* guest = json::find(event.data(), "guest");
+        guest_shutdown_ = guest != nullptr && guest->IsBool() && guest->GetBool();
+        shutdown_reason_ = std::string(json::get_string(event.data(), "reason").value_or(""));
+    }
     const EventRule* rule = find_rule(event.name());
     if (rule == nullptr || !has_process(state_)) {
         return;
@@ -439,6 +460,7 @@ awaitable<expected<void>> Machine::launch()
     }
     iolog_.clear();
     full_args_.clear();
+    last_shutdown_step_ = ShutdownStep::none;
     launching_ = true;
     auto result = co_await do_launch();
     if (!result) {
@@ -515,8 +537,21 @@ awaitable<expected<void>> Machine::do_launch()
                   proc::format_command_line(full_args_));
     quit_issued_ = false;
     user_killed_ = false;
+    sigkill_sent_ = false;
+    guest_shutdown_ = false;
+    shutdown_reason_.clear();
     exit_status_.reset();
     qemu_status_.clear();
+    if (console_set_) {
+        // A fresh connection, ring and offset per launch; the last one's ring stays readable
+        // until now.
+        ConsoleOptions console_options;
+        console_options.name = config_.name;
+        console_options.ring_size = config_.console_ring_size;
+        console_options.log_path = config_.console_log;
+        console_options.log_max = config_.console_log_max;
+        console_ = Console::create(ex, std::move(console_options));
+    }
     proc::SpawnOptions spawn_options;
     spawn_options.log_fd = log_fd;
     spawn_options.inherit_fds = pass_fds_;
@@ -563,6 +598,16 @@ awaitable<expected<void>> Machine::do_launch()
         }
         co_return fail(greeting.error());
     }
+    if (console_) {
+        // QEMU creates every -chardev before it starts its monitors, so once it has greeted us
+        // the console socket exists. Output before this moment is in the log only.
+        auto console = console_;
+        std::string path = console_socket_path();
+        auto connected = co_await console->connect(std::move(path));
+        if (!connected) {
+            co_return fail(connected.error());
+        }
+    }
     client_->on_disconnect([this, life = std::weak_ptr<int>(life_)](const Error& e) {
         if (life.expired() || exit_status_ || quit_issued_ || shutting_down_ ||
             state_ == MachineState::stopping) {
@@ -597,7 +642,15 @@ awaitable<expected<void>> Machine::do_launch()
 void Machine::early_cleanup()
 {
     // The seed closes its console socket first: QEMU may block writing to a console nobody
-    // reads while we wait for it to exit. (The console reader arrives with the console work.)
+    // reads while we wait for it to exit. (Ours is always drained, but a reader that stops
+    // reading for any reason must not hold up the shutdown.) Once QEMU is gone, what it wrote
+    // last is still in our socket: read it into the ring first.
+    if (console_) {
+        if (exit_status_) {
+            console_->drain();
+        }
+        console_->close();
+    }
 }
 
 awaitable<expected<void>> Machine::soft_shutdown(std::chrono::milliseconds timeout, bool has_quit)
@@ -617,7 +670,8 @@ awaitable<expected<void>> Machine::soft_shutdown(std::chrono::milliseconds timeo
             }
         }
     } else if (!has_quit && !exit_status_ && pid_ > 0) {
-        // No monitor to ask (as upstream): ask politely with SIGTERM.
+        // No monitor to ask (as upstream): ask politely with SIGTERM (the quit step).
+        quit_issued_ = true;
         ::kill(pid_, SIGTERM);
     }
     auto left = timeout;
@@ -636,10 +690,57 @@ awaitable<expected<void>> Machine::soft_shutdown(std::chrono::milliseconds timeo
     co_return expected<void>{};
 }
 
+ShutdownStep Machine::exit_step() const
+{
+    if (guest_shutdown_) {
+        return ShutdownStep::guest_poweroff;
+    }
+    if (quit_issued_ || shutdown_reason_ == "host-qmp-quit") {
+        return ShutdownStep::quit;
+    }
+    return ShutdownStep::exited;
+}
+
+awaitable<bool> Machine::powerdown_guest(std::chrono::milliseconds timeout)
+{
+    // The guest's step: press the power button and give the guest `timeout` to power off. The
+    // console stays open and drained meanwhile: what the guest says on its way down is kept.
+    if (exit_status_ || !client_ || !client_->is_connected()) {
+        co_return false; // gone already, or no monitor to press the button with: the quit step
+    }
+    const auto start = asio::steady_timer::clock_type::now();
+    auto client = client_;
+    qmp::CallOptions call;
+    call.timeout = timeout;
+    json::Document no_arguments;
+    auto r = co_await client->execute("system_powerdown", std::move(no_arguments), call);
+    if (!r) {
+        spdlog::debug("machine[{}]: system_powerdown: {}", config_.name, r.error().message);
+        // A reply lost to the exit of a guest that powered off at once is still a power-off.
+        if (!r.error().is(errc::qmp_disconnected) && !r.error().is(errc::qmp_closed)) {
+            co_return false;
+        }
+    }
+    auto left = timeout;
+    if (timeout != std::chrono::milliseconds::max()) {
+        const auto spent = std::chrono::duration_cast<std::chrono::milliseconds>(
+            asio::steady_timer::clock_type::now() - start);
+        left = std::max(timeout - spent, std::chrono::milliseconds(0));
+    }
+    spdlog::debug("machine[{}]: waiting (timeout={} ms) for the guest to power off",
+                  config_.name, left.count());
+    // Its SHUTDOWN event (guest: true) is enough: under -no-shutdown QEMU then stays, and quit
+    // ends it.
+    std::function<bool()> off = [this] { return exit_status_.has_value() || guest_shutdown_; };
+    const bool done = co_await wait_until(std::move(off), left);
+    co_return done;
+}
+
 awaitable<expected<void>> Machine::hard_shutdown()
 {
     early_cleanup();
     if (!exit_status_ && pid_ > 0) {
+        sigkill_sent_ = true;
         ::kill(pid_, SIGKILL);
     }
     const bool exited = co_await wait_for_exit(hard_kill_wait);
@@ -657,6 +758,7 @@ awaitable<expected<void>> Machine::shutdown(ShutdownOptions options)
         if (pid_ > 0 && !exit_status_) {
             ::kill(pid_, SIGKILL);
         }
+        last_shutdown_step_ = ShutdownStep::kill;
         std::function<bool()> launch_over = [this] { return !launching_; };
         co_await wait_until(std::move(launch_over), std::chrono::milliseconds::max());
         co_return expected<void>{};
@@ -675,11 +777,21 @@ awaitable<expected<void>> Machine::shutdown(ShutdownOptions options)
         set_state(MachineState::stopping);
     }
     expected<void> result;
+    bool guest_step_ended_it = false;
     if (options.hard) {
         user_killed_ = true;
         result = co_await hard_shutdown();
     } else {
-        auto soft = co_await soft_shutdown(options.timeout, options.has_quit);
+        if (options.mode == ShutdownMode::powerdown && !options.has_quit) {
+            const bool guest_off = co_await powerdown_guest(options.powerdown_timeout);
+            guest_step_ended_it = guest_off && exit_status_.has_value();
+        }
+        expected<void> soft;
+        if (!guest_step_ended_it) {
+            // The quit step: at once, after the guest's time ran out, or to end a QEMU whose
+            // guest powered off but that stays (-no-shutdown).
+            soft = co_await soft_shutdown(options.timeout, options.has_quit);
+        }
         if (!soft) {
             spdlog::debug("machine[{}]: graceful shutdown failed ({}), falling back to hard "
                           "shutdown", config_.name, soft.error().message);
@@ -693,6 +805,15 @@ awaitable<expected<void>> Machine::shutdown(ShutdownOptions options)
                           "Could not perform graceful shutdown: " + soft.error().message);
         }
     }
+    if (sigkill_sent_) {
+        last_shutdown_step_ = ShutdownStep::kill;
+    } else if (guest_step_ended_it) {
+        last_shutdown_step_ = ShutdownStep::guest_poweroff;
+    } else {
+        last_shutdown_step_ = exit_step();
+    }
+    spdlog::debug("machine[{}]: shut down by step {}", config_.name,
+                  to_string(last_shutdown_step_));
     post_shutdown();
     shutting_down_ = false;
     set_state(state_); // wake callers waiting for the cleanup
@@ -845,6 +966,57 @@ awaitable<expected<void>> Machine::send_fd(int fd, std::string name)
         co_return fail(r.error());
     }
     co_return expected<void>{};
+}
+
+//---- console ----------------------------------------------------------------------------------
+
+awaitable<expected<void>> Machine::ensure_console()
+{
+    if (!console_set_) {
+        co_return fail(errc::invalid_state, "the machine has no console (set_console())");
+    }
+    if (!console_) {
+        co_return fail(errc::invalid_state, "console: the machine was not launched");
+    }
+    if (console_->is_connected() || console_->is_closed() || !is_running()) {
+        co_return expected<void>{}; // the operation itself says what is wrong, if anything
+    }
+    // Without a QMP monitor launch() could not know when the socket exists: connect now.
+    auto console = console_;
+    std::string path = console_socket_path();
+    co_return co_await console->connect(std::move(path));
+}
+
+awaitable<expected<void>> Machine::console_write(std::string bytes)
+{
+    auto ready = co_await ensure_console();
+    if (!ready) {
+        co_return fail(ready.error());
+    }
+    auto console = console_;
+    co_return co_await console->write(std::move(bytes));
+}
+
+std::string Machine::console_output(std::uint64_t from) const
+{
+    return console_ ? console_->output(from) : std::string();
+}
+
+std::uint64_t Machine::console_offset() const noexcept
+{
+    return console_ ? console_->offset() : 0;
+}
+
+awaitable<expected<ConsoleMatch>> Machine::wait_console(ConsolePattern pattern,
+                                                        std::chrono::milliseconds timeout,
+                                                        std::uint64_t from)
+{
+    auto ready = co_await ensure_console();
+    if (!ready) {
+        co_return fail(ready.error());
+    }
+    auto console = console_;
+    co_return co_await console->wait(std::move(pattern), timeout, from);
 }
 
 //---- events -----------------------------------------------------------------------------------

@@ -6,6 +6,8 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <list>
 #include <memory>
@@ -16,6 +18,7 @@
 #include "libmachine/asio.hpp"
 #include "libmachine/expected.hpp"
 #include "libmachine/json.hpp"
+#include "libmachine/machine/console.hpp"
 #include "libmachine/machine/state.hpp"
 #include "libmachine/proc/child_watcher.hpp"
 #include "libmachine/qmp/address.hpp"
@@ -44,10 +47,21 @@ struct MachineConfig
     std::optional<qmp::Address> monitor_address{};
     // Where sockets are created; base_temp_dir when empty (as the seed).
     std::string sock_dir{};
-    // Console (set_console): keep reading it into a buffer, and/or its log file (QEMU's own
-    // logfile=, appended to, which captures everything from the first byte).
+    // Console (set_console). The seed drains the console into a buffer only when asked
+    // (drain_console, or console_log); here a machine with a console always drains it from launch
+    // to shutdown (the ring, wait_console() and the log bound need it, and a drained console never
+    // makes the guest wait), so drain_console is accepted for parity and changes nothing.
     bool drain_console = false;
+    // QEMU's own logfile= on the console chardev, appended to: everything the guest writes, from
+    // the first byte, whether or not anyone reads the console. Empty: no log.
     std::string console_log{};
+    // Beyond the seed: how many of the most recent console bytes the machine keeps in memory
+    // (console_output(), wait_console()); 0 keeps none. This memory (at most 1.25 × the size plus
+    // 4 KiB, allocated at the guest's first byte) is on top of the machine's own overhead.
+    std::size_t console_ring_size = std::size_t{64} * 1024;
+    // Beyond the seed: the bound on console_log (0: unbounded). Past it the log is copied to
+    // "<console_log>.1" and truncated (see qm::Console): at most twice this on disk.
+    std::uint64_t console_log_max = std::uint64_t{1024} * 1024;
     // Where QEMU's stdout/stderr log goes; the temporary directory when empty.
     std::string log_dir{};
     // Deadline for QEMU to connect and negotiate QMP (the seed's qmp_timer; 30 s as upstream).
@@ -56,15 +70,48 @@ struct MachineConfig
     bool log_append = false;
 };
 
-// shutdown()'s options, as the seed's shutdown(has_quit, hard, timeout).
+// How a graceful shutdown starts.
+enum class ShutdownMode {
+    // `quit` over QMP (SIGTERM without a monitor), then SIGKILL: the seed's ladder.
+    quit,
+    // system_powerdown (the ACPI power button), wait up to powerdown_timeout for the guest to
+    // power off, then the quit ladder.
+    powerdown,
+};
+
+// Which step of the shutdown ladder ended the process (Machine::last_shutdown_step()).
+enum class ShutdownStep {
+    // No shutdown has ended a process yet.
+    none,
+    // QEMU exited by itself, not after a step of ours and not after a guest power-off (a crash,
+    // or a quit sent by someone else that left no SHUTDOWN event).
+    exited,
+    // The guest shut itself down (SHUTDOWN with "guest": true: a power-off, or with -no-reboot a
+    // reset or panic), on its own or after system_powerdown.
+    guest_poweroff,
+    // QEMU exited after `quit` (or SIGTERM without a monitor), ours or one that made QEMU send
+    // SHUTDOWN with reason host-qmp-quit.
+    quit,
+    // SIGKILL.
+    kill,
+};
+// "none", "exited", "guest-poweroff", "quit", "kill".
+const char* to_string(ShutdownStep step) noexcept;
+
+// shutdown()'s options, as the seed's shutdown(has_quit, hard, timeout), plus the mode.
 struct ShutdownOptions
 {
     // `quit` was already sent: only wait for the process to exit.
     bool has_quit = false;
     // Skip the graceful step: SIGKILL at once (and no warning about the signal).
     bool hard = false;
-    // How long the graceful step may take (milliseconds::max() waits forever).
+    // How long the graceful step may take (milliseconds::max() waits forever); in powerdown
+    // mode, the quit step after the guest's time is over.
     std::chrono::milliseconds timeout = 30s;
+    // Beyond the seed: start with the guest's power button (ignored when has_quit or hard).
+    ShutdownMode mode = ShutdownMode::quit;
+    // powerdown mode: how long the guest has to power off before `quit`.
+    std::chrono::milliseconds powerdown_timeout = 60s;
 };
 
 // One QEMU virtual machine: its configuration, command line, process, QMP connection, events
@@ -74,7 +121,9 @@ struct ShutdownOptions
 // Errors: errc::invalid_state ("VM already launched", QMP not connected), errc::spawn_failed and
 // errc::connect_failed / errc::timeout (launch; the message carries the command line and QEMU's
 // output), errc::abnormal_shutdown (the graceful step failed and the process was killed),
-// errc::qmp_* (commands), errc::invalid_argument (bad fd, socket path too long).
+// errc::qmp_* (commands), errc::invalid_argument (bad fd, socket path too long); console calls:
+// errc::invalid_state (no console, not launched, closed), errc::timeout (wait_console),
+// errc::connect_failed (the console socket; then launch fails too).
 class Machine
 {
 public:
@@ -110,7 +159,10 @@ public:
     // nothing is left behind: no process, no socket file, no temporary directory.
     awaitable<expected<void>> launch();
     // Graceful (quit, then wait up to the timeout), then hard (SIGKILL): the seed's ladder.
+    // In powerdown mode system_powerdown and up to powerdown_timeout for the guest come first;
+    // a guest that ignores the button ends in quit, which is still a success.
     // Cleanup always runs; a shutdown of a machine not launched is a no-op.
+    // errc::abnormal_shutdown when the process had to be killed after a graceful step failed.
     awaitable<expected<void>> shutdown(ShutdownOptions options = {});
     awaitable<expected<void>> kill();
     // Waits for the guest to power QEMU off (shutdown with has_quit).
@@ -126,6 +178,9 @@ public:
     const std::optional<proc::ExitStatus>& exit_status() const noexcept { return exit_status_; }
     // The seed's exitcode(): the exit code, or minus the signal number.
     std::optional<int> exitcode() const noexcept;
+    // Which step ended the process at the last shutdown() (kill, wait, a shutdown during launch
+    // included); none until one has. Reset by launch().
+    ShutdownStep last_shutdown_step() const noexcept { return last_shutdown_step_; }
     MachineState state() const noexcept { return state_; }
     // QEMU's own run state string from query-status and events ("running", "prelaunch", ...).
     const std::string& qemu_status() const noexcept { return qemu_status_; }
@@ -142,6 +197,31 @@ public:
                                                 bool conv_keys = true);
     // Passes `fd` to QEMU under `name` at run time (getfd), the seed's send_fd_scm.
     awaitable<expected<void>> send_fd(int fd, std::string name);
+
+    //---- console (set_console(); the seed's console_socket and its drained buffer) ----
+    // A machine with a console connects to its socket during launch(), once QMP is negotiated
+    // (every chardev exists by then), and drains it until shutdown (closed at its first step, as
+    // the seed does; in powerdown mode after the guest's time). Without a QMP monitor nothing says
+    // when the socket exists: the first console_write() or wait_console() connects instead.
+    // The ring, offsets and connection are per launch: a relaunch starts again at offset 0; after
+    // shutdown the last launch's ring stays readable.
+    //
+    // Writes `bytes` to the guest (in call order); completes once the socket took them all.
+    awaitable<expected<void>> console_write(std::string bytes);
+    // The most recent output (at most console_ring_size bytes) from offset `from` on.
+    std::string console_output(std::uint64_t from = 0) const;
+    // Console bytes received since launch: monotonic; take it before writing a command, then
+    // wait_console(..., from) sees only what came after.
+    std::uint64_t console_offset() const noexcept;
+    // Waits until `pattern` matches the output from offset `from` on: what the ring still holds
+    // at the call, then everything that arrives (Console's rules: a substring may span lines, a
+    // regex matches within a line). errc::timeout after `timeout`; errc::invalid_state at once
+    // when the console ended (QEMU exited, shutdown) without a match, or the ring size is 0.
+    awaitable<expected<ConsoleMatch>> wait_console(ConsolePattern pattern,
+                                                   std::chrono::milliseconds timeout = 60s,
+                                                   std::uint64_t from = 0);
+    // The console connection of this (or the last) launch; nullptr without set_console().
+    std::shared_ptr<Console> console() const noexcept { return console_; }
 
     //---- events (already-received events are searched first) ----
     std::optional<qmp::Event> get_qmp_event();
@@ -181,6 +261,9 @@ private:
 
     awaitable<expected<void>> do_launch();
     awaitable<expected<void>> soft_shutdown(std::chrono::milliseconds timeout, bool has_quit);
+    awaitable<bool> powerdown_guest(std::chrono::milliseconds timeout);
+    awaitable<expected<void>> ensure_console();
+    ShutdownStep exit_step() const;
     awaitable<expected<void>> hard_shutdown();
     awaitable<bool> wait_until(std::function<bool()> done, std::chrono::milliseconds timeout);
     awaitable<bool> wait_for_exit(std::chrono::milliseconds timeout);
@@ -226,6 +309,12 @@ private:
     std::vector<std::string> remove_files_;
     std::string iolog_;
     std::list<std::shared_ptr<StateWaiter>> waiters_;
+    std::shared_ptr<Console> console_;
+    // what ended the process: the last SHUTDOWN event, and our SIGKILL
+    bool guest_shutdown_ = false;
+    std::string shutdown_reason_;
+    bool sigkill_sent_ = false;
+    ShutdownStep last_shutdown_step_ = ShutdownStep::none;
 
     ExitHandler on_exit_;
     StateHandler on_state_change_;
