@@ -103,15 +103,18 @@ bool regex_find(const std::regex& re, std::string_view text, bool not_bol, std::
 
 //---- ConsolePattern ---------------------------------------------------------------------------
 
-ConsolePattern::ConsolePattern(std::string substring) : text_(std::move(substring)) {}
+ConsolePattern::ConsolePattern(std::string substring)
+    : text_(std::move(substring))
+{}
 
-ConsolePattern::ConsolePattern(const char* substring) : text_(substring) {}
+ConsolePattern::ConsolePattern(const char* substring)
+    : text_(substring)
+{}
 
 ConsolePattern::ConsolePattern(std::regex regex, std::string source)
     : text_(std::move(source))
     , regex_(std::move(regex))
-{
-}
+{}
 
 expected<ConsolePattern> ConsolePattern::regex(std::string_view expr)
 {
@@ -132,8 +135,7 @@ struct Console::Waiter
         : pattern(std::move(p))
         , next(from)
         , timer(ex)
-    {
-    }
+    {}
     ConsolePattern pattern;
     // Substring: the first offset a match may still start at. Regex: the start of the line (or
     // line piece) being written: every line before it was searched whole.
@@ -145,7 +147,10 @@ struct Console::Waiter
 // A write() waiting for its turn or in progress.
 struct Console::WriteRequest
 {
-    WriteRequest(const asio::any_io_executor& ex, std::string b) : bytes(std::move(b)), timer(ex) {}
+    WriteRequest(const asio::any_io_executor& ex, std::string b)
+        : bytes(std::move(b))
+        , timer(ex)
+    {}
     std::string bytes;
     bool cancelled = false;
     asio::steady_timer timer;
@@ -160,8 +165,7 @@ Console::Console(const asio::any_io_executor& ex, ConsoleOptions options)
     : ex_(ex)
     , options_(std::move(options))
     , socket_(ex)
-{
-}
+{}
 
 Console::~Console()
 {
@@ -178,7 +182,8 @@ awaitable<expected<void>> Console::connect(std::string path)
     if (path.size() > max_socket_path) {
         co_return fail(errc::invalid_argument,
                        fmt::format("console socket path '{}' is longer than a unix socket path "
-                                   "may be ({} bytes)", path, max_socket_path));
+                                   "may be ({} bytes)",
+                                   path, max_socket_path));
     }
     state_ = State::connecting;
     const asio::local::stream_protocol::endpoint endpoint(path);
@@ -197,15 +202,20 @@ awaitable<expected<void>> Console::connect(std::string path)
     state_ = State::connected;
     spdlog::debug("console[{}]: connected to {}", options_.name, path);
     check_log(true, 0); // what QEMU logged before we came (or while nobody read) counts too
-    std::string name = options_.name;
-    asio::co_spawn(ex_, read_loop(), [name](const std::exception_ptr& e) {
-        if (e) {
-            try {
-                std::rethrow_exception(e);
-            } catch (const std::exception& ex) {
-                spdlog::error("console[{}]: reader failed: {}", name, ex.what());
-            }
+    asio::co_spawn(ex_, read_loop(), [self](const std::exception_ptr& e) {
+        if (!e) {
+            return;
         }
+        std::string reason = "unknown exception";
+        try {
+            std::rethrow_exception(e);
+        } catch (const std::exception& ex) {
+            reason = ex.what();
+        } catch (...) { // NOLINT(bugprone-empty-catch): reason already says unknown
+        }
+        spdlog::error("console[{}]: reader coroutine failed: {}", self->options_.name, reason);
+        self->why_closed_ = "internal error: " + reason;
+        self->close();
     });
     co_return expected<void>{};
 }
@@ -239,7 +249,9 @@ void Console::drain()
     std::array<char, read_size> buf{};
     for (std::size_t got = 0; !ec && got < (std::size_t{1} << 20);) {
         const std::size_t n = socket_.read_some(asio::buffer(buf), ec);
-        on_data(buf.data(), n);
+        if (n > 0) {
+            on_data(buf.data(), n);
+        }
         got += n;
     }
 }
@@ -317,6 +329,9 @@ void Console::on_data(const char* data, std::size_t n)
 bool Console::search(Waiter& w) const
 {
     const std::uint64_t start = std::max(w.next, buf_begin_);
+    if (start > total_) {
+        return false; // `from` is still ahead of the output
+    }
     const std::string_view view = ring_view(start);
     if (!w.pattern.is_regex()) {
         const std::string& needle = w.pattern.text();
@@ -346,8 +361,8 @@ bool Console::search(Waiter& w) const
         std::size_t mpos = 0;
         std::size_t mlen = 0;
         if (regex_find(re, line, not_bol, mpos, mlen)) {
-            const std::uint64_t begin = start + static_cast<std::uint64_t>(line.data() - view.data()) +
-                                        mpos;
+            const std::uint64_t begin =
+                start + static_cast<std::uint64_t>(line.data() - view.data()) + mpos;
             w.match = ConsoleMatch{std::string(line.substr(mpos, mlen)), begin, begin + mlen};
             return true;
         }
@@ -376,9 +391,11 @@ awaitable<expected<void>> Console::write(std::string bytes)
 {
     auto self = shared_from_this();
     if (state_ != State::connected) {
-        co_return fail(errc::invalid_state, state_ == State::closed
-                                                ? "console: " + why_closed_
-                                                : std::string("console not connected"));
+        std::string why = "console not connected";
+        if (state_ == State::closed) {
+            why = "console: " + why_closed_;
+        }
+        co_return fail(errc::invalid_state, why);
     }
     auto req = std::make_shared<WriteRequest>(ex_, std::move(bytes));
     writes_.push_back(req);
@@ -411,9 +428,8 @@ awaitable<expected<void>> Console::write(std::string bytes)
     co_return expected<void>{};
 }
 
-awaitable<expected<ConsoleMatch>> Console::wait(ConsolePattern pattern,
-                                                std::chrono::milliseconds timeout,
-                                                std::uint64_t from)
+awaitable<expected<ConsoleMatch>>
+Console::wait(ConsolePattern pattern, std::chrono::milliseconds timeout, std::uint64_t from)
 {
     auto self = shared_from_this();
     if (options_.ring_size == 0) {
@@ -424,9 +440,8 @@ awaitable<expected<ConsoleMatch>> Console::wait(ConsolePattern pattern,
         co_return std::move(*w->match);
     }
     if (state_ == State::closed) {
-        co_return fail(errc::invalid_state,
-                       fmt::format("console: no match for '{}': {}", w->pattern.text(),
-                                   why_closed_));
+        co_return fail(errc::invalid_state, fmt::format("console: no match for '{}': {}",
+                                                        w->pattern.text(), why_closed_));
     }
     const auto deadline = timeout == std::chrono::milliseconds::max()
                               ? asio::steady_timer::time_point::max()
@@ -443,9 +458,8 @@ awaitable<expected<ConsoleMatch>> Console::wait(ConsolePattern pattern,
         co_return std::move(*w->match);
     }
     if (state_ == State::closed) {
-        co_return fail(errc::invalid_state,
-                       fmt::format("console: no match for '{}': {}", w->pattern.text(),
-                                   why_closed_));
+        co_return fail(errc::invalid_state, fmt::format("console: no match for '{}': {}",
+                                                        w->pattern.text(), why_closed_));
     }
     co_return fail(errc::timeout, fmt::format("console: no match for '{}' within {} ms",
                                               w->pattern.text(), timeout.count()));
@@ -492,8 +506,8 @@ void Console::rotate_log(std::uint64_t size, unsigned mode)
         return;
     }
     ++log_rotations_;
-    spdlog::debug("console[{}]: log '{}' reached {} bytes: kept as '{}', truncated",
-                  options_.name, options_.log_path, size, old);
+    spdlog::debug("console[{}]: log '{}' reached {} bytes: kept as '{}', truncated", options_.name,
+                  options_.log_path, size, old);
 }
 
 } // namespace qm

@@ -37,7 +37,7 @@ std::string describe(const Error& e)
 std::string read_file(const fs::path& path)
 {
     std::ifstream f(path, std::ios::binary);
-    return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+    return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
 }
 
 // A wait() running on the loop while the test feeds the socket.
@@ -100,12 +100,13 @@ protected:
         const auto target = console_->offset() + bytes.size();
         ASSERT_EQ(::send(peer_, bytes.data(), bytes.size(), MSG_NOSIGNAL),
                   static_cast<ssize_t>(bytes.size()));
-        ASSERT_TRUE(run_until(ioc_, [&] { return console_->offset() >= target; }, 10s));
+        ASSERT_TRUE(run_until(
+            ioc_, [&] { return console_->offset() >= target; }, 10s));
         ASSERT_EQ(console_->offset(), target);
     }
 
-    std::shared_ptr<PendingWait> start_wait(ConsolePattern pattern, std::chrono::milliseconds timeout,
-                                            std::uint64_t from = 0)
+    std::shared_ptr<PendingWait>
+    start_wait(ConsolePattern pattern, std::chrono::milliseconds timeout, std::uint64_t from = 0)
     {
         auto p = std::make_shared<PendingWait>();
         asio::co_spawn(ioc_, store_wait(console_->wait(std::move(pattern), timeout, from), p),
@@ -123,7 +124,8 @@ protected:
     expected<ConsoleMatch> finish(const std::shared_ptr<PendingWait>& p,
                                   std::chrono::milliseconds deadline = 10s)
     {
-        if (!run_until(ioc_, [&] { return p->done; }, deadline)) {
+        if (!run_until(
+                ioc_, [&] { return p->done; }, deadline)) {
             ADD_FAILURE() << "wait() did not finish";
             return fail(errc::timeout, "test deadline");
         }
@@ -178,7 +180,8 @@ TEST_F(ConsoleTest, RingKeepsTheLastBytesAndTheOffsetCountsEveryByte)
     // Many reads, each past the slack: the ring is always exactly the last 16 bytes.
     std::string all = "0123456789abcdefghij";
     for (int i = 0; i < 50; ++i) {
-        const std::string chunk = std::string(static_cast<std::size_t>(i % 7 + 1), 'A' + i % 26);
+        const std::string chunk =
+            std::string(static_cast<std::size_t>(i % 7 + 1), static_cast<char>('A' + i % 26));
         feed(chunk);
         all += chunk;
         ASSERT_EQ(console_->output(), all.substr(all.size() - 16)) << "after read " << i;
@@ -272,6 +275,13 @@ TEST_F(ConsoleTest, WaitSearchesTheRingFirstAndFromExcludesOlderOutput)
     auto m = finish(p);
     ASSERT_TRUE(m) << describe(m.error());
     EXPECT_EQ(m->begin, from);
+    // An offset still ahead of the output: only what comes from there on counts.
+    const auto ahead = console_->offset() + 3;
+    auto later = start_wait("abc", 10s, ahead);
+    feed("abcabc");
+    auto found = finish(later);
+    ASSERT_TRUE(found) << describe(found.error());
+    EXPECT_EQ(found->begin, ahead);
     // Waiting again from a match's end finds the next one only.
     auto next = run_co(ioc_, console_->wait("hello", 50ms, m->end));
     ASSERT_FALSE(next);
@@ -331,19 +341,21 @@ TEST_F(ConsoleTest, ConcurrentWritesArriveWholeAndInCallOrder)
     start();
     // Bigger than the socket buffers: the first write waits for the peer to read, and the others
     // queue behind it.
-    const std::string a(300 * 1024, 'a');
+    const std::string a(std::size_t{300} * 1024, 'a');
     const std::string b = "b\n";
-    const std::string c(300 * 1024, 'c');
+    const std::string c(std::size_t{300} * 1024, 'c');
     int finished = 0;
     for (const std::string* s : {&a, &b, &c}) {
-        asio::co_spawn(ioc_, console_->write(*s), [&](const std::exception_ptr& e, expected<void> r) {
-            EXPECT_FALSE(e);
-            EXPECT_TRUE(r) << describe(r.error());
-            ++finished;
-        });
+        asio::co_spawn(ioc_, console_->write(*s),
+                       [&](const std::exception_ptr& e, const expected<void>& r) {
+                           EXPECT_FALSE(e);
+                           EXPECT_TRUE(r) << describe(r.error());
+                           ++finished;
+                       });
     }
     const std::string want = a + b + c;
-    const std::string got = receive_until([&](const std::string& s) { return s.size() >= want.size(); });
+    const std::string got =
+        receive_until([&](const std::string& s) { return s.size() >= want.size(); });
     EXPECT_TRUE(got == want) << "received " << got.size() << " bytes, not a+b+c in order";
     EXPECT_TRUE(run_until(ioc_, [&] { return finished == 3; }));
 }

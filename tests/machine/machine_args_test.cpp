@@ -84,6 +84,44 @@ TEST_F(MachineArgsTest, ConfigDefaultsAreTheSeeds)
     EXPECT_EQ(s.timeout, 30s);
 }
 
+TEST_F(MachineArgsTest, ConsoleAndShutdownModeDefaultsBeyondTheSeed)
+{
+    const MachineConfig c;
+    EXPECT_EQ(c.console_ring_size, 64U * 1024U);
+    EXPECT_EQ(c.console_log_max, 1024U * 1024U);
+    const ShutdownOptions s;
+    EXPECT_EQ(s.mode, ShutdownMode::quit) << "the seed's ladder";
+    EXPECT_EQ(s.powerdown_timeout, 60s);
+    EXPECT_STREQ(to_string(ShutdownStep::none), "none");
+    EXPECT_STREQ(to_string(ShutdownStep::exited), "exited");
+    EXPECT_STREQ(to_string(ShutdownStep::guest_poweroff), "guest-poweroff");
+    EXPECT_STREQ(to_string(ShutdownStep::quit), "quit");
+    EXPECT_STREQ(to_string(ShutdownStep::kill), "kill");
+    Machine m(ioc_, config("m-step"));
+    EXPECT_EQ(m.last_shutdown_step(), ShutdownStep::none);
+}
+
+TEST_F(MachineArgsTest, ConsoleCallsNeedAConsoleAndALaunch)
+{
+    Machine plain(ioc_, config("m-noconsole"));
+    EXPECT_EQ(plain.console(), nullptr);
+    EXPECT_EQ(plain.console_output(), "");
+    EXPECT_EQ(plain.console_offset(), 0U);
+    auto w = run_co(ioc_, plain.console_write("x"));
+    ASSERT_FALSE(w);
+    EXPECT_TRUE(w.error().is(errc::invalid_state)) << w.error().message;
+    auto r = run_co(ioc_, plain.wait_console("x", 10ms));
+    ASSERT_FALSE(r);
+    EXPECT_TRUE(r.error().is(errc::invalid_state)) << r.error().message;
+
+    Machine with(ioc_, config("m-console-unlaunched"));
+    with.set_console();
+    auto before = run_co(ioc_, with.wait_console("x", 10ms));
+    ASSERT_FALSE(before);
+    EXPECT_TRUE(before.error().is(errc::invalid_state)) << before.error().message;
+    EXPECT_NE(before.error().message.find("launched"), std::string::npos) << before.error().message;
+}
+
 TEST_F(MachineArgsTest, DefaultNameIsQemuPidWithACounter)
 {
     MachineConfig c = config("");

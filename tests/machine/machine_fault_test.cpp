@@ -343,6 +343,7 @@ TEST_F(MachineFaultTest, FrozenQemuFailsTheGracefulShutdownAndIsKilled)
     EXPECT_EQ(m->exitcode(), -SIGKILL);
     EXPECT_EQ(exits_.size(), 1U);
     EXPECT_NE(m->state(), MachineState::crashed);
+    EXPECT_EQ(m->last_shutdown_step(), ShutdownStep::kill);
     expect_nothing_left(*m, pid, tmp);
 }
 

@@ -613,6 +613,105 @@ TEST_F(MachineTest, ConsoleSocketIsServedByQemuAndRemovedAtCleanup)
     expect_nothing_left(*m, pid);
 }
 
+TEST_F(MachineTest, ConsoleIsConnectedAtLaunchAndShutdownEndsPendingWaitsAtOnce)
+{
+    auto m = make_machine("m-console-conn");
+    m->set_console();
+    ASSERT_TRUE(launch(*m));
+    const pid_t pid = *m->pid();
+    auto first = m->console();
+    ASSERT_NE(first, nullptr);
+    EXPECT_TRUE(first->is_connected()) << "connected by launch()";
+    EXPECT_EQ(m->console_offset(), 0U) << "-machine none has no serial port to write to it";
+    auto written = run_co(ioc_, m->console_write("hello\n"), 10s);
+    EXPECT_TRUE(written) << describe(written.error());
+
+    std::optional<expected<ConsoleMatch>> waited;
+    asio::co_spawn(ioc_, m->wait_console("never", 60s),
+                   [&](const std::exception_ptr&, expected<ConsoleMatch> r) {
+                       waited = std::move(r);
+                   });
+    ioc_.restart();
+    ioc_.poll();
+    ASSERT_FALSE(waited.has_value());
+    const auto start = std::chrono::steady_clock::now();
+    ASSERT_TRUE(shutdown(*m));
+    ASSERT_TRUE(run_until(ioc_, [&] { return waited.has_value(); }, 5s));
+    EXPECT_LT(std::chrono::steady_clock::now() - start, 10s);
+    ASSERT_FALSE(*waited);
+    EXPECT_TRUE(waited->error().is(errc::invalid_state)) << describe(waited->error());
+    EXPECT_TRUE(first->is_closed());
+    EXPECT_FALSE(fs::exists(m->console_socket_path()));
+
+    // A relaunch gets a new connection, counting from 0 again.
+    ASSERT_TRUE(launch(*m));
+    const pid_t pid2 = *m->pid();
+    ASSERT_NE(m->console(), first);
+    EXPECT_TRUE(m->console()->is_connected());
+    EXPECT_EQ(m->console_offset(), 0U);
+    ASSERT_TRUE(shutdown(*m));
+    expect_nothing_left(*m, pid);
+    expect_nothing_left(*m, pid2);
+}
+
+TEST_F(MachineTest, ShutdownStepSaysWhatEndedTheProcess)
+{
+    auto m = make_machine("m-steps");
+    ASSERT_TRUE(launch(*m));
+    ASSERT_TRUE(shutdown(*m));
+    EXPECT_EQ(m->last_shutdown_step(), ShutdownStep::quit);
+
+    ASSERT_TRUE(launch(*m));
+    EXPECT_EQ(m->last_shutdown_step(), ShutdownStep::none) << "reset by launch()";
+    ASSERT_TRUE(run_co(ioc_, m->kill(), 90s));
+    EXPECT_EQ(m->last_shutdown_step(), ShutdownStep::kill);
+
+    // Killed from outside, then shut down: it had exited by itself.
+    ASSERT_TRUE(launch(*m));
+    const pid_t pid = *m->pid();
+    ASSERT_EQ(::kill(pid, SIGKILL), 0);
+    ASSERT_TRUE(run_until(ioc_, [&] { return !m->is_running(); }, 10s));
+    ASSERT_TRUE(shutdown(*m));
+    EXPECT_EQ(m->last_shutdown_step(), ShutdownStep::exited);
+    expect_nothing_left(*m, pid);
+}
+
+TEST_F(MachineTest, PowerdownModeWithNoGuestToAnswerEndsInQuitAfterTheTimeout)
+{
+    // -machine none has no ACPI: the button press changes nothing, and quit ends QEMU after the
+    // guest's time.
+    auto m = make_machine("m-powerdown");
+    ASSERT_TRUE(launch(*m));
+    const pid_t pid = *m->pid();
+    ShutdownOptions options;
+    options.mode = ShutdownMode::powerdown;
+    options.powerdown_timeout = 300ms;
+    const auto start = std::chrono::steady_clock::now();
+    auto r = shutdown(*m, options);
+    const auto elapsed = std::chrono::steady_clock::now() - start;
+    ASSERT_TRUE(r) << describe(r.error());
+    EXPECT_GE(elapsed, 300ms);
+    EXPECT_LT(elapsed, 10s);
+    EXPECT_EQ(m->last_shutdown_step(), ShutdownStep::quit);
+    EXPECT_EQ(m->exitcode(), 0);
+    auto shutdown_event = event_wait(*m, "SHUTDOWN", 0ms);
+    ASSERT_TRUE(shutdown_event) << describe(shutdown_event.error());
+    EXPECT_NE(shutdown_event->find("host-qmp-quit"), std::string::npos) << *shutdown_event;
+    expect_nothing_left(*m, pid);
+
+    // Without a monitor there is no button to press: straight to the quit step (SIGTERM).
+    auto plain = make_machine("m-powerdown-noqmp");
+    plain->set_qmp_monitor(false);
+    ASSERT_TRUE(launch(*plain));
+    const pid_t pid2 = *plain->pid();
+    options.powerdown_timeout = 30s;
+    const auto start2 = std::chrono::steady_clock::now();
+    ASSERT_TRUE(shutdown(*plain, options));
+    EXPECT_LT(std::chrono::steady_clock::now() - start2, 10s);
+    EXPECT_EQ(plain->last_shutdown_step(), ShutdownStep::quit);
+    expect_nothing_left(*plain, pid2);
+}
+
 TEST_F(MachineTest, AddFdPassesARealDescriptorThatQemuListsInItsFdset)
 {
     Pipe passed;
