@@ -57,6 +57,17 @@ const boost::system::error_category& qm_category() noexcept
     return category;
 }
 
+std::string describe_exception(const std::exception_ptr& e)
+{
+    try {
+        std::rethrow_exception(e);
+    } catch (const std::exception& ex) {
+        return ex.what();
+    } catch (...) { // NOLINT(bugprone-empty-catch): not a std::exception, nothing to say
+    }
+    return "unknown exception";
+}
+
 const char* to_string(errc e) noexcept
 {
     for (const auto& [code, name] : errc_names) {

@@ -2,6 +2,7 @@
 // The one error vocabulary of qmachined: qm::errc (a boost::system category) and qm::Error.
 #pragma once
 
+#include <exception>
 #include <string>
 #include <type_traits>
 
@@ -61,6 +62,10 @@ struct Error
 
     bool is(errc e) const noexcept { return code == make_error_code(e); }
 };
+
+// What an exception that escaped a coroutine says ("unknown exception" for a non-std one), for
+// the completion handlers of co_spawn, which log it.
+std::string describe_exception(const std::exception_ptr& e);
 
 } // namespace qm
 

@@ -206,13 +206,7 @@ awaitable<expected<void>> Console::connect(std::string path)
         if (!e) {
             return;
         }
-        std::string reason = "unknown exception";
-        try {
-            std::rethrow_exception(e);
-        } catch (const std::exception& ex) {
-            reason = ex.what();
-        } catch (...) { // NOLINT(bugprone-empty-catch): reason already says unknown
-        }
+        const std::string reason = describe_exception(e);
         spdlog::error("console[{}]: reader coroutine failed: {}", self->options_.name, reason);
         self->why_closed_ = "internal error: " + reason;
         self->close();

@@ -260,13 +260,7 @@ void Client::spawn(awaitable<void> (Client::*fn)(), const char* what)
             if (!e) {
                 return;
             }
-            std::string reason = "unknown exception";
-            try {
-                std::rethrow_exception(e);
-            } catch (const std::exception& ex) {
-                reason = ex.what();
-            } catch (...) { // NOLINT(bugprone-empty-catch): reason already says unknown
-            }
+            const std::string reason = describe_exception(e);
             spdlog::error("qmp[{}]: {} coroutine failed: {}", self->label(), what, reason);
             self->disconnect(make_error(errc::system_error, "internal error: " + reason));
         });
