@@ -9,7 +9,7 @@ namespace qm {
 namespace {
 
 // Public API via REST/D-Bus (error names derive from these), do not change.
-constexpr std::array<std::pair<errc, const char*>, 12> errc_names{{
+constexpr std::array<std::pair<errc, const char*>, 21> errc_names{{
     {errc::invalid_argument, "invalid_argument"},
     {errc::invalid_state, "invalid_state"},
     {errc::timeout, "timeout"},
@@ -22,6 +22,15 @@ constexpr std::array<std::pair<errc, const char*>, 12> errc_names{{
     {errc::system_error, "system_error"},
     {errc::spawn_failed, "spawn_failed"},
     {errc::abnormal_shutdown, "abnormal_shutdown"},
+    {errc::no_such_machine, "no_such_machine"},
+    {errc::exists, "exists"},
+    {errc::launch_failed, "launch_failed"},
+    {errc::unresponsive, "unresponsive"},
+    {errc::shutting_down, "shutting_down"},
+    {errc::limit_exceeded, "limit_exceeded"},
+    {errc::access_denied, "access_denied"},
+    {errc::stale_generation, "stale_generation"},
+    {errc::internal, "internal"},
 }};
 
 // NOLINTNEXTLINE(cppcoreguidelines-virtual-class-destructor): one static instance, never deleted
@@ -44,6 +53,15 @@ public:
         case errc::system_error: return "system call failed";
         case errc::spawn_failed: return "cannot start process";
         case errc::abnormal_shutdown: return "could not perform graceful shutdown";
+        case errc::no_such_machine: return "no such machine";
+        case errc::exists: return "machine already exists";
+        case errc::launch_failed: return "machine could not be started";
+        case errc::unresponsive: return "the machine's monitor does not answer";
+        case errc::shutting_down: return "the daemon is shutting down";
+        case errc::limit_exceeded: return "limit exceeded";
+        case errc::access_denied: return "access denied";
+        case errc::stale_generation: return "the spec was changed since that generation";
+        case errc::internal: return "internal error";
         }
         return "unknown qmachined error";
     }

@@ -39,7 +39,32 @@ enum class errc { // NOLINT(readability-identifier-naming): mirrors std::errc
     spawn_failed,
     // A graceful shutdown failed (no exit in time, QMP error) and the process was killed.
     abnormal_shutdown,
+
+    // The supervisor's own failures (qmachined; libmachine never returns these).
+    // No machine has that name.
+    no_such_machine,
+    // A machine with that name (or uuid) already exists.
+    exists,
+    // A machine could not be started: QEMU did not start, exited or never answered QMP (the
+    // message carries the command line and the tail of QEMU's output).
+    launch_failed,
+    // The machine's monitor stopped answering (the liveness probe failed); QMP is refused until
+    // it answers again or the process exits.
+    unresponsive,
+    // The daemon is shutting down and takes no new operations.
+    shutting_down,
+    // A limit was reached (machines, subscribers, request size, rate).
+    limit_exceeded,
+    // The caller is not allowed to do this.
+    access_denied,
+    // An update named a generation that is no longer the current one.
+    stale_generation,
+    // A bug: an exception escaped an operation. The message says what it was.
+    internal,
 };
+// Every errc is in [errc_first, errc_last], without gaps (tests walk the range).
+inline constexpr errc errc_first = errc::invalid_argument;
+inline constexpr errc errc_last = errc::internal;
 
 const boost::system::error_category& qm_category() noexcept;
 

@@ -1,0 +1,199 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+// The daemon's one event stream: every event gets a daemon-wide sequence number, a bounded replay
+// ring keeps the recent ones, subscribers read through bounded queues (and are told when they
+// lagged), synchronous listeners see each event as it is published, and a server-side wait finds
+// the first matching event after a sequence number (the seed's events_wait, served).
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <list>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "libmachine/asio.hpp"
+#include "libmachine/expected.hpp"
+#include "libmachine/json.hpp"
+#include "libmachine/qmp/message.hpp"
+
+namespace qm::daemon {
+
+// Names of the daemon's own events (QMP events keep QEMU's names).
+namespace event_names {
+inline constexpr std::string_view machine_created = "MACHINE_CREATED"; // data: {"uuid"}
+inline constexpr std::string_view machine_updated = "MACHINE_UPDATED"; // data: {"generation"}
+inline constexpr std::string_view machine_removed = "MACHINE_REMOVED"; // data: {}
+// data: {"state", "previous", "reason"?: {...stop reason...}, "detail"?: "..."}
+inline constexpr std::string_view state_changed = "STATE_CHANGED";
+// data: {"count": N, "since_seq": S}: a flooding machine's QMP events that were not published
+inline constexpr std::string_view events_dropped = "EVENTS_DROPPED";
+} // namespace event_names
+
+// One published event. Immutable, cheap to copy (shares its JSON).
+class Event
+{
+public:
+    Event() = default;
+    // `json` is the whole event object: {"seq", "machine", "event", "data", "timestamp":
+    // {"seconds", "microseconds"}, "qmp": bool}.
+    explicit Event(std::shared_ptr<const json::Document> json);
+
+    std::uint64_t seq() const;
+    std::string_view machine() const;
+    std::string_view name() const;
+    const json::Value& data() const;
+    // true for an event QEMU sent, false for the daemon's own.
+    bool is_qmp() const;
+    // QEMU's timestamp for QMP events, the daemon's wall clock otherwise (µs since the epoch).
+    std::int64_t timestamp_us() const;
+    // The whole object, as event_match sees it and as the front ends send it.
+    const json::Value& json() const { return *json_; }
+    std::string to_json() const { return json::to_string(*json_); }
+    bool valid() const noexcept { return json_ != nullptr; }
+
+private:
+    std::shared_ptr<const json::Document> json_;
+};
+
+// Which events a subscriber or a wait wants. Empty machine: any; empty names: any; null match:
+// any (else the seed's event_match against Event::json(), e.g. {"data": {"state": "running"}}).
+struct EventSelector
+{
+    std::string machine;
+    std::vector<std::string> names;
+    json::Document match;
+
+    bool matches(const Event& e) const;
+};
+
+// What a subscription yields: an event, or the news that events from `first_missing` on were lost
+// to this subscriber (its queue overflowed, or it asked for a sequence number no longer in the
+// ring). After a lag the subscription goes on with the oldest event still available.
+struct StreamItem
+{
+    Event event;                  // valid() unless this is a lag notice
+    std::uint64_t lagged_from = 0; // non-zero: a lag notice
+    std::uint64_t resume_seq = 0;  // with a lag notice: the next seq this subscriber will see
+};
+
+struct EventBusOptions
+{
+    // Recent events kept for resume and waits.
+    std::size_t ring_capacity = 4096;
+    // Events a subscriber may have waiting before it is told it lagged.
+    std::size_t subscriber_queue = 1024;
+    // Per machine: QMP events per second allowed on average, and the burst above it. Events beyond
+    // are dropped and counted; the count is published as EVENTS_DROPPED once the machine is
+    // allowed again (or at the latest after one second, by the bus's single timer).
+    double qmp_rate_per_s = 200;
+    double qmp_burst = 400;
+};
+
+class EventBus;
+
+// A reader of the stream. Owned by its front end (shared_ptr); loop thread only.
+class Subscription : public std::enable_shared_from_this<Subscription>
+{
+public:
+    // The next item (waits for one). errc::invalid_state once close()d or the bus is gone;
+    // errc::timeout after `timeout` with nothing (the caller sends a keep-alive).
+    awaitable<expected<StreamItem>> next(std::chrono::milliseconds timeout);
+    // Items already waiting, without suspending.
+    std::optional<StreamItem> try_next();
+    void close();
+    bool closed() const noexcept { return closed_; }
+    std::size_t queued() const noexcept { return queue_.size(); }
+
+private:
+    friend class EventBus;
+    struct Waiter;
+    explicit Subscription(EventBus* bus, EventSelector selector);
+    void deliver(const Event& e, std::size_t limit);
+    void wake();
+
+    EventBus* bus_;
+    EventSelector selector_;
+    std::deque<StreamItem> queue_;
+    bool lagging_ = false;
+    bool closed_ = false;
+    std::shared_ptr<Waiter> waiter_;
+};
+
+// The stream. Owned by the supervisor; loop thread only.
+class EventBus
+{
+public:
+    using Listener = std::function<void(const Event&)>;
+
+    EventBus(asio::io_context& ioc, EventBusOptions options = {});
+    ~EventBus();
+    EventBus(const EventBus&) = delete;
+    EventBus& operator=(const EventBus&) = delete;
+
+    // Publishes one of the daemon's own events about `machine` (empty: the daemon itself); `data`
+    // must be an object (null becomes {}). Returns its sequence number.
+    std::uint64_t publish(std::string_view machine, std::string_view name, const json::Value& data);
+    // Publishes a QMP event of `machine` with QEMU's timestamp, subject to the machine's rate
+    // limit. Returns its sequence number, or 0 when it was dropped.
+    std::uint64_t publish_qmp(std::string_view machine, const qmp::Event& event);
+    // Forgets a removed machine's rate-limit state (publishing its pending drop count first).
+    void forget_machine(std::string_view machine);
+
+    // The sequence number of the last published event (0 before the first).
+    std::uint64_t last_seq() const noexcept { return seq_; }
+    // The oldest sequence number still in the ring (last_seq() + 1 when empty).
+    std::uint64_t first_seq() const noexcept;
+    // Events in the ring after `since` (all of them when since < first_seq() - 1) that match.
+    std::vector<Event> replay(std::uint64_t since, const EventSelector& selector) const;
+
+    // A new subscriber. Without `since` it sees events published from now on; with it, every
+    // matching event with seq > since that the ring still holds first (and a lag notice first when
+    // the ring no longer holds seq since + 1).
+    std::shared_ptr<Subscription> subscribe(EventSelector selector,
+                                            std::optional<std::uint64_t> since = std::nullopt);
+
+    // Synchronous listeners, called during publish (they must not publish in turn).
+    std::uint64_t listen(Listener listener);
+    void unlisten(std::uint64_t id);
+
+    // The first event matching `selector` with seq > since (from the ring, then as published);
+    // without `since`, from now on. errc::timeout after `timeout`; errc::invalid_state when the
+    // ring no longer holds since + 1 (the caller's window is lost: it must re-read state).
+    awaitable<expected<Event>> wait(EventSelector selector, std::optional<std::uint64_t> since,
+                                    std::chrono::milliseconds timeout);
+
+    // Counters for metrics and tests.
+    std::uint64_t dropped_total() const noexcept { return dropped_total_; }
+    std::size_t subscriber_count() const noexcept;
+
+private:
+    friend class Subscription;
+    struct Limiter;
+    struct Waiter;
+    std::uint64_t append(std::shared_ptr<const json::Document> doc);
+    void flush_drops();
+    void arm_flush_timer();
+
+    asio::io_context& ioc_;
+    EventBusOptions options_;
+    std::uint64_t seq_ = 0;
+    std::deque<Event> ring_;
+    std::list<std::weak_ptr<Subscription>> subscribers_;
+    std::vector<std::pair<std::uint64_t, Listener>> listeners_;
+    std::uint64_t next_listener_ = 1;
+    std::list<std::shared_ptr<Waiter>> waiters_;
+    std::map<std::string, Limiter, std::less<>> limiters_;
+    std::uint64_t dropped_total_ = 0;
+    std::unique_ptr<asio::steady_timer> flush_timer_;
+    bool flush_armed_ = false;
+    std::shared_ptr<int> life_ = std::make_shared<int>(0);
+};
+
+} // namespace qm::daemon
