@@ -1,3 +1,212 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
-// qmachined: placeholder main (being written).
-int main() { return 0; }
+// qmachined: configuration, directories, the one loop, signals, and the supervisor's life.
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <csignal>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include "daemon/config.hpp"
+#include "daemon/supervisor/supervisor.hpp"
+#include "libmachine/asio.hpp"
+
+namespace {
+
+using qm::daemon::Config;
+
+constexpr const char* version = "0.1.0";
+
+void setup_logging(spdlog::level::level_enum level)
+{
+    auto logger = spdlog::stderr_color_mt("qmachined");
+    // Under systemd the journal stamps each line; elsewhere the time helps.
+    if (std::getenv("JOURNAL_STREAM") != nullptr) {
+        logger->set_pattern("%l: %v");
+    } else {
+        logger->set_pattern("%Y-%m-%d %H:%M:%S.%e %l: %v");
+    }
+    spdlog::set_default_logger(logger);
+    spdlog::set_level(level);
+}
+
+// Hundreds of machines need thousands of descriptors (monitor, console, log, clients).
+void raise_fd_limit()
+{
+    rlimit rl{};
+    if (::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        const auto old = rl.rlim_cur;
+        rl.rlim_cur = rl.rlim_max;
+        if (::setrlimit(RLIMIT_NOFILE, &rl) == 0) {
+            spdlog::debug("Raised the open file limit from {} to {}", old, rl.rlim_max);
+        }
+    }
+}
+
+// One daemon per runtime directory: a second one would fight the first over every machine.
+int lock_runtime_dir(const std::string& dir)
+{
+    const std::string path = dir + "/qmachined.lock";
+    const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (fd < 0) {
+        spdlog::critical("Failed to open '{}': {}", path, std::strerror(errno));
+        return -1;
+    }
+    if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        spdlog::critical("Another qmachined already runs with the runtime directory '{}'", dir);
+        ::close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+class Daemon
+{
+public:
+    Daemon(qm::asio::io_context& ioc, Config config, qm::daemon::SupervisorOptions options)
+        : ioc_(ioc), config_(std::move(config)), supervisor_(ioc, std::move(options)),
+          signals_(ioc, SIGTERM, SIGINT, SIGHUP)
+    {}
+
+    int run()
+    {
+        auto loaded = supervisor_.load();
+        if (!loaded) {
+            spdlog::critical("Failed to start: {}", loaded.error().message);
+            return 1;
+        }
+        wait_signal();
+        supervisor_.autostart();
+        spdlog::info("qmachined {} ready: state '{}', runtime '{}', {} machine(s)", version,
+                     config_.state_dir, config_.runtime_dir, supervisor_.size());
+        ioc_.run();
+        spdlog::info("qmachined exits");
+        return 0;
+    }
+
+private:
+    void wait_signal()
+    {
+        signals_.async_wait([this](const qm::error_code& ec, int signo) {
+            if (ec) {
+                return;
+            }
+            on_signal(signo);
+            if (!done_) {
+                wait_signal();
+            }
+        });
+    }
+
+    void on_signal(int signo)
+    {
+        if (signo == SIGHUP) {
+            reload();
+            return;
+        }
+        if (stopping_) {
+            spdlog::warn("Received {} while shutting down: still stopping the machines",
+                         strsignal(signo));
+            return;
+        }
+        stopping_ = true;
+        spdlog::info("Received {}: stopping every machine, then exiting", strsignal(signo));
+        qm::asio::co_spawn(ioc_, supervisor_.shutdown(), [this](const std::exception_ptr& e) {
+            if (e) {
+                spdlog::error("Failed to shut down cleanly: {}", qm::describe_exception(e));
+            }
+            done_ = true;
+            signals_.cancel();
+            ioc_.stop();
+        });
+    }
+
+    // SIGHUP: the configuration file again. The log level applies at once; the directories are
+    // fixed for the daemon's life (machines live in them).
+    void reload()
+    {
+        if (config_.config_file.empty()) {
+            spdlog::info("Received SIGHUP: no configuration file to re-read");
+            return;
+        }
+        Config fresh = config_;
+        auto applied = qm::daemon::apply_config_file(fresh, config_.config_file);
+        if (!applied) {
+            spdlog::error("Failed to reload '{}': {}", config_.config_file,
+                          applied.error().message);
+            return;
+        }
+        if (fresh.state_dir != config_.state_dir || fresh.runtime_dir != config_.runtime_dir) {
+            spdlog::warn("Reloaded '{}': directory changes take effect at the next start",
+                         config_.config_file);
+        }
+        config_.log_level = fresh.log_level;
+        spdlog::set_level(fresh.log_level);
+        spdlog::info("Reloaded '{}' (log level {})", config_.config_file,
+                     spdlog::level::to_string_view(fresh.log_level));
+    }
+
+    qm::asio::io_context& ioc_;
+    Config config_;
+    qm::daemon::Supervisor supervisor_;
+    qm::asio::signal_set signals_;
+    bool stopping_ = false;
+    bool done_ = false;
+};
+
+} // namespace
+
+int main(int argc, char** argv)
+{
+    std::vector<std::string> args(argv + 1, argv + argc);
+    auto cl = qm::daemon::parse_command_line(args);
+    if (!cl) {
+        std::fprintf(stderr, "qmachined: %s\nTry 'qmachined --help'.\n",
+                     cl.error().message.c_str());
+        return 2;
+    }
+    if (cl->help) {
+        std::fputs(qm::daemon::usage().c_str(), stdout);
+        return 0;
+    }
+    if (cl->version) {
+        std::printf("qmachined %s\n", version);
+        return 0;
+    }
+    Config config = cl->config;
+    setup_logging(config.log_level);
+    std::signal(SIGPIPE, SIG_IGN); // a client gone mid-write is an error code, not a death
+    raise_fd_limit();
+    for (const std::string* dir : {&config.state_dir, &config.runtime_dir}) {
+        auto made = qm::daemon::ensure_private_dir(*dir);
+        if (!made) {
+            spdlog::critical("Failed to prepare '{}': {}", *dir, made.error().message);
+            return 1;
+        }
+    }
+    const int lock_fd = lock_runtime_dir(config.runtime_dir);
+    if (lock_fd < 0) {
+        return 1;
+    }
+    qm::daemon::SupervisorOptions options;
+    options.state_dir = config.state_dir;
+    options.runtime_dir = config.runtime_dir;
+
+    int rc = 0;
+    {
+        qm::asio::io_context ioc{1};
+        Daemon daemon(ioc, config, std::move(options));
+        rc = daemon.run();
+    }
+    ::close(lock_fd);
+    return rc;
+}

@@ -1,2 +1,1312 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
-// Placeholder (being written).
+// The supervisor: machines by name, one lifecycle operation at a time per machine, states from
+// operations, QMP events, process exits and the liveness probe; definitions persisted.
+#include "daemon/supervisor/supervisor.hpp"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <csignal>
+#include <cstring>
+#include <filesystem>
+#include <list>
+#include <utility>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "libmachine/machine/machine.hpp"
+
+namespace qm::daemon {
+namespace fs = std::filesystem;
+
+namespace {
+
+// After powerdown's time for the guest, `quit` gets this long before SIGKILL.
+constexpr auto quit_step_timeout = 5s;
+// Prefix of the files in a machine's runtime directory: qemu-monitor.sock, qemu-console.sock,
+// qemu.log (plus console.log).
+constexpr std::string_view file_prefix = "qemu";
+// The longest file name in a machine's runtime directory, "/m/<id>/qemu-console.sock": the
+// runtime directory may be at most 107 - this long (unix socket paths are 108 bytes with NUL).
+constexpr std::size_t runtime_suffix_len = 3 + 12 + 1 + 17;
+
+std::int64_t now_us()
+{
+    return std::chrono::duration_cast<std::chrono::microseconds>(
+               std::chrono::system_clock::now().time_since_epoch())
+        .count();
+}
+
+// 12 hex digits of FNV-1a over the uuid: short, fixed length, stable for a definition.
+std::string id_from_uuid(std::string_view uuid)
+{
+    std::uint64_t h = 14695981039346656037ULL;
+    for (char c : uuid) {
+        h ^= static_cast<unsigned char>(c);
+        h *= 1099511628211ULL;
+    }
+    return fmt::format("{:012x}", h & 0xffffffffffffULL);
+}
+
+bool no_process(MachineState s)
+{
+    return !has_process(s);
+}
+
+std::string quoted(std::string_view name)
+{
+    return "'" + std::string(name) + "'";
+}
+
+} // namespace
+
+const char* to_string(StopReason::Kind kind) noexcept
+{
+    switch (kind) {
+    case StopReason::Kind::none: return "none";
+    case StopReason::Kind::guest_poweroff: return "guest-poweroff";
+    case StopReason::Kind::host_quit: return "host-quit";
+    case StopReason::Kind::host_kill: return "host-kill";
+    case StopReason::Kind::signal: return "signal";
+    case StopReason::Kind::crashed: return "crashed";
+    case StopReason::Kind::launch_failed: return "launch-failed";
+    case StopReason::Kind::unknown: return "unknown";
+    }
+    return "unknown";
+}
+
+void stop_reason_to_json(const StopReason& r, json::Value& out, json::Document::AllocatorType& a)
+{
+    out.SetObject();
+    out.AddMember("kind", json::Value(to_string(r.kind), a), a);
+    if (r.kind == StopReason::Kind::signal) {
+        out.AddMember("signal", r.signal, a);
+    }
+    if (r.exit_code) {
+        out.AddMember("exit_code", *r.exit_code, a);
+    }
+    if (!r.detail.empty()) {
+        out.AddMember("detail", json::Value(r.detail.c_str(), a), a);
+    }
+}
+
+json::Document machine_to_json(const MachineInfo& m)
+{
+    json::Document d(rapidjson::kObjectType);
+    auto& a = d.GetAllocator();
+    auto str = [&](std::string_view s) {
+        return json::Value(s.data(), static_cast<rapidjson::SizeType>(s.size()), a);
+    };
+    d.AddMember("name", str(m.name), a);
+    d.AddMember("uuid", str(m.spec.uuid), a);
+    d.AddMember("id", str(m.id), a);
+    d.AddMember("generation", m.generation, a);
+    d.AddMember("state", str(to_string(m.state)), a);
+    d.AddMember("state_since_us", m.state_since_us, a);
+    json::Value null_value;
+    d.AddMember("pid", m.pid ? json::Value(*m.pid) : json::Value(), a);
+    d.AddMember("exit_code", m.exit_code ? json::Value(*m.exit_code) : json::Value(), a);
+    d.AddMember("exit_signal", m.exit_signal ? json::Value(*m.exit_signal) : json::Value(), a);
+    if (m.stop_reason.kind == StopReason::Kind::none) {
+        d.AddMember("stop_reason", json::Value(), a);
+    } else {
+        json::Value reason;
+        stop_reason_to_json(m.stop_reason, reason, a);
+        d.AddMember("stop_reason", reason, a);
+    }
+    d.AddMember("restart_count", m.restart_count, a);
+    d.AddMember("qemu_status", m.qemu_status.empty() ? json::Value() : str(m.qemu_status), a);
+    d.AddMember("operation", m.operation.empty() ? json::Value() : str(m.operation), a);
+    json::Value paths(rapidjson::kObjectType);
+    paths.AddMember("runtime_dir", str(m.runtime_dir), a);
+    paths.AddMember("log", str(m.log_path), a);
+    paths.AddMember("console_log", m.console_log_path.empty() ? json::Value() : str(m.console_log_path),
+                    a);
+    d.AddMember("paths", paths, a);
+    json::Value spec;
+    spec_to_json(m.spec, spec, a);
+    d.AddMember("spec", spec, a);
+    return d;
+}
+
+//---- the entry ----------------------------------------------------------------------------------
+
+struct Supervisor::Entry
+{
+    Definition def;
+    std::string id;
+    std::string dir;
+    MachineState state = MachineState::defined;
+    std::int64_t state_since_us = now_us();
+    StopReason stop_reason;
+    std::optional<proc::ExitStatus> last_exit;
+    std::uint32_t restart_count = 0;
+    // The machine of the current (or last) launch; shared with the coroutines that use it.
+    std::shared_ptr<Machine> machine;
+    Job job = Job::none;
+    bool creating = false;     // the definition is being saved for the first time
+    bool cleaning_up = false;  // a process exited on its own; its Machine is being cleaned up
+    bool unresponsive = false; // the probe failed; state is `unresponsive`
+    bool probing = false;
+    bool kill_requested = false;
+    // The SHUTDOWN event of the current process, if any.
+    bool saw_shutdown = false;
+    bool shutdown_guest = false;
+    std::string shutdown_reason;
+    // Woken (cancelled) at every change: job end, state change.
+    std::list<std::shared_ptr<asio::steady_timer>> waiters;
+
+    void notify()
+    {
+        for (auto& t : waiters) {
+            t->cancel();
+        }
+    }
+};
+
+namespace {
+
+// Waits until `done()` holds (re-checked at every change of the entry) or `timeout` passes.
+template <typename Entry>
+awaitable<bool> wait_entry(std::shared_ptr<Entry> e, std::function<bool()> done,
+                           std::chrono::milliseconds timeout = std::chrono::milliseconds::max())
+{
+    if (done()) {
+        co_return true;
+    }
+    auto ex = co_await asio::this_coro::executor;
+    const auto deadline = timeout == std::chrono::milliseconds::max()
+                              ? asio::steady_timer::time_point::max()
+                              : asio::steady_timer::clock_type::now() + timeout;
+    auto timer = std::make_shared<asio::steady_timer>(ex);
+    e->waiters.push_back(timer);
+    bool ok = false;
+    for (;;) {
+        timer->expires_at(deadline);
+        error_code ec;
+        co_await timer->async_wait(use_ec(ec));
+        if (done()) {
+            ok = true;
+            break;
+        }
+        if (asio::steady_timer::clock_type::now() >= deadline) {
+            break;
+        }
+    }
+    e->waiters.remove(timer);
+    co_return ok;
+}
+
+} // namespace
+
+const char* Supervisor::to_string(Job job) noexcept
+{
+    switch (job) {
+    case Job::none: return "";
+    case Job::start: return "start";
+    case Job::stop: return "stop";
+    case Job::restart: return "restart";
+    case Job::pause: return "pause";
+    case Job::resume: return "resume";
+    case Job::update: return "update";
+    case Job::remove: return "delete";
+    }
+    return "";
+}
+
+//---- construction, loading ----------------------------------------------------------------------
+
+Supervisor::Supervisor(asio::io_context& ioc, SupervisorOptions options)
+    : ioc_(ioc), options_(std::move(options)), events_(ioc, options_.events),
+      store_(ioc, options_.state_dir)
+{}
+
+Supervisor::~Supervisor()
+{
+    life_.reset();
+    // Machines still running are killed by their destructors (and reaped by the watcher).
+    machines_.clear();
+}
+
+expected<std::vector<LoadProblem>> Supervisor::load()
+{
+    if (options_.runtime_dir.size() + runtime_suffix_len > 107) {
+        return fail(errc::invalid_argument,
+                    fmt::format("the runtime directory '{}' is {} bytes long; at most {} leave room "
+                                "for the machines' socket paths",
+                                options_.runtime_dir, options_.runtime_dir.size(),
+                                107 - runtime_suffix_len));
+    }
+    const std::string machines_dir = options_.runtime_dir + "/m";
+    if (::mkdir(machines_dir.c_str(), 0700) != 0 && errno != EEXIST) {
+        return fail(errc::system_error, fmt::format("cannot create '{}': {}", machines_dir,
+                                                    std::strerror(errno)));
+    }
+    std::vector<LoadProblem> problems;
+    std::map<std::string, std::string> uuids; // uuid -> name, of the files accepted so far
+    auto validate = [&](const LoadedFile& f) -> std::string {
+        auto def = definition_from_json(f.content);
+        if (!def) {
+            return def.error().message;
+        }
+        if (def->name != f.name) {
+            return fmt::format("the file is named '{}.json' but defines '{}'", f.name, def->name);
+        }
+        auto [it, inserted] = uuids.emplace(def->spec.uuid, def->name);
+        if (!inserted) {
+            return fmt::format("uuid {} is already used by '{}'", def->spec.uuid, it->second);
+        }
+        return {};
+    };
+    auto files = store_.load_all(validate, problems);
+    for (const auto& p : problems) {
+        spdlog::error("Failed to load the definition '{}': {} (moved to '{}')", p.file, p.reason,
+                      p.moved_to);
+    }
+    for (const auto& f : files) {
+        auto def = definition_from_json(f.content);
+        if (!def) {
+            continue; // validated above
+        }
+        auto e = std::make_shared<Entry>();
+        e->id = id_from_uuid(def->spec.uuid);
+        e->dir = fmt::format("{}/m/{}", options_.runtime_dir, e->id);
+        e->def = std::move(*def);
+        machines_.emplace(e->def.name, std::move(e));
+    }
+    spdlog::info("Loaded {} machine definition(s) from '{}' ({} problem(s))", machines_.size(),
+                 options_.state_dir, problems.size());
+    return problems;
+}
+
+void Supervisor::autostart()
+{
+    for (auto& [name, e] : machines_) {
+        if (!e->def.spec.autostart) {
+            continue;
+        }
+        spdlog::info("Starting '{}' (autostart)", name);
+        asio::co_spawn(ioc_, start(name),
+                       [n = name](const std::exception_ptr& ex, const expected<OpResult>& r) {
+                           if (ex) {
+                               spdlog::error("Failed to autostart '{}': {}", n,
+                                             describe_exception(ex));
+                           } else if (!r) {
+                               spdlog::error("Failed to autostart '{}': {}", n, r.error().message);
+                           }
+                       });
+    }
+}
+
+//---- the model ----------------------------------------------------------------------------------
+
+Supervisor::Entry* Supervisor::find(std::string_view name) const
+{
+    auto it = machines_.find(name);
+    if (it == machines_.end() || it->second->creating) {
+        return nullptr;
+    }
+    return it->second.get();
+}
+
+expected<Supervisor::Entry*> Supervisor::lookup(std::string_view name) const
+{
+    if (auto valid = validate_name(name); !valid) {
+        return fail(valid.error());
+    }
+    Entry* e = find(name);
+    if (e == nullptr) {
+        return fail(errc::no_such_machine, fmt::format("no machine named {}", quoted(name)));
+    }
+    return e;
+}
+
+expected<void> Supervisor::check_open() const
+{
+    if (shutting_down_) {
+        return fail(errc::shutting_down, "qmachined is shutting down");
+    }
+    return {};
+}
+
+MachineInfo Supervisor::info(const Entry& e) const
+{
+    MachineInfo m;
+    m.name = e.def.name;
+    m.id = e.id;
+    m.generation = e.def.generation;
+    m.spec = e.def.spec;
+    m.state = e.state;
+    m.state_since_us = e.state_since_us;
+    if (e.machine && has_process(e.state)) {
+        m.pid = e.machine->pid();
+    }
+    if (e.last_exit && no_process(e.state)) {
+        if (e.last_exit->kind == proc::ExitStatus::Kind::exited) {
+            m.exit_code = e.last_exit->code;
+        } else if (e.last_exit->kind == proc::ExitStatus::Kind::signaled) {
+            m.exit_signal = e.last_exit->signal;
+        }
+    }
+    m.stop_reason = e.stop_reason;
+    m.restart_count = e.restart_count;
+    if (e.machine && has_process(e.state)) {
+        m.qemu_status = e.machine->qemu_status();
+    }
+    m.operation = to_string(e.job);
+    m.runtime_dir = e.dir;
+    m.log_path = fmt::format("{}/{}.log", e.dir, file_prefix);
+    if (e.def.spec.console.enabled && e.def.spec.console.log_size > 0) {
+        m.console_log_path = e.dir + "/console.log";
+    }
+    return m;
+}
+
+OpResult Supervisor::result(const Entry& e) const
+{
+    return OpResult{info(e), events_.last_seq()};
+}
+
+std::vector<MachineInfo> Supervisor::list() const
+{
+    std::vector<MachineInfo> out;
+    out.reserve(machines_.size());
+    for (const auto& [name, e] : machines_) {
+        if (!e->creating) {
+            out.push_back(info(*e));
+        }
+    }
+    return out;
+}
+
+expected<MachineInfo> Supervisor::inspect(std::string_view name) const
+{
+    auto e = lookup(name);
+    if (!e) {
+        return fail(e.error());
+    }
+    return info(**e);
+}
+
+std::map<std::string, std::size_t> Supervisor::count_by_state() const
+{
+    std::map<std::string, std::size_t> counts;
+    for (const auto& [name, e] : machines_) {
+        if (!e->creating) {
+            ++counts[std::string(qm::to_string(e->state))];
+        }
+    }
+    return counts;
+}
+
+//---- states -------------------------------------------------------------------------------------
+
+void Supervisor::set_state(Entry& e, MachineState state, std::string detail)
+{
+    if (state == e.state) {
+        return;
+    }
+    const MachineState previous = e.state;
+    e.state = state;
+    e.state_since_us = now_us();
+    if (state != MachineState::unresponsive) {
+        e.unresponsive = false;
+    }
+    json::Document data(rapidjson::kObjectType);
+    auto& a = data.GetAllocator();
+    const auto s = qm::to_string(state);
+    const auto p = qm::to_string(previous);
+    data.AddMember("state", json::Value(s.data(), static_cast<rapidjson::SizeType>(s.size()), a), a);
+    data.AddMember("previous", json::Value(p.data(), static_cast<rapidjson::SizeType>(p.size()), a),
+                   a);
+    if (state == MachineState::stopped || state == MachineState::crashed ||
+        state == MachineState::failed) {
+        json::Value reason;
+        stop_reason_to_json(e.stop_reason, reason, a);
+        data.AddMember("reason", reason, a);
+    }
+    if (!detail.empty()) {
+        data.AddMember("detail", json::Value(detail.c_str(), a), a);
+    }
+    spdlog::info("Machine '{}' is {} (was {}){}{}", e.def.name, s, p, detail.empty() ? "" : ": ",
+                 detail);
+    events_.publish(e.def.name, event_names::state_changed, data);
+    e.notify();
+}
+
+void Supervisor::on_machine_state(Entry& e, MachineState s)
+{
+    switch (s) {
+    case MachineState::starting:
+    case MachineState::running:
+    case MachineState::paused:
+    case MachineState::stopping:
+        if (e.state == MachineState::stopping && s != MachineState::stopping && e.job == Job::stop) {
+            return; // our stop is under way: a late RESUME does not bring the machine back
+        }
+        set_state(e, s);
+        break;
+    default:
+        // defined, stopped, crashed, failed: the supervisor decides, knowing the reason.
+        break;
+    }
+}
+
+void Supervisor::on_machine_event(Entry& e, const qmp::Event& event)
+{
+    if (event.name() == "SHUTDOWN") {
+        e.saw_shutdown = true;
+        const json::Value* guest = json::find(event.data(), "guest");
+        e.shutdown_guest = guest != nullptr && guest->IsBool() && guest->GetBool();
+        e.shutdown_reason = std::string(json::get_string(event.data(), "reason").value_or(""));
+    }
+    events_.publish_qmp(e.def.name, event);
+}
+
+StopReason Supervisor::reason_from_exit(const Entry& e) const
+{
+    StopReason r;
+    if (e.kill_requested) {
+        r.kind = StopReason::Kind::host_kill;
+        return r;
+    }
+    if (!e.last_exit || e.last_exit->kind == proc::ExitStatus::Kind::unknown) {
+        r.kind = StopReason::Kind::unknown;
+        return r;
+    }
+    const auto& x = *e.last_exit;
+    if (x.kind == proc::ExitStatus::Kind::signaled) {
+        r.kind = StopReason::Kind::signal;
+        r.signal = x.signal;
+        r.detail = x.to_string();
+        return r;
+    }
+    r.exit_code = x.code;
+    if (x.code != 0) {
+        r.kind = StopReason::Kind::crashed;
+        r.detail = x.to_string();
+        return r;
+    }
+    if (e.saw_shutdown && e.shutdown_guest) {
+        r.kind = StopReason::Kind::guest_poweroff;
+    } else if (e.saw_shutdown && e.shutdown_reason == "host-qmp-quit") {
+        r.kind = StopReason::Kind::host_quit;
+    } else if (e.saw_shutdown && e.shutdown_reason == "host-signal") {
+        // QEMU was told to exit by a signal (SIGTERM, SIGINT, SIGHUP) from outside.
+        r.kind = StopReason::Kind::signal;
+        r.detail = "QEMU exited after a termination signal (SHUTDOWN reason host-signal)";
+    } else {
+        r.kind = StopReason::Kind::unknown;
+        r.detail = e.saw_shutdown ? "SHUTDOWN reason " + e.shutdown_reason : "exited with status 0";
+    }
+    return r;
+}
+
+void Supervisor::on_machine_exit(Entry& e)
+{
+    e.last_exit = e.machine ? e.machine->exit_status() : std::nullopt;
+    if (e.job == Job::start || e.job == Job::stop || e.job == Job::restart ||
+        e.job == Job::remove) {
+        e.notify();
+        return; // the operation sets the final state, knowing which step ended the process
+    }
+    // An exit nobody asked for here: a crash, a guest power-off, a quit through passthrough, a kill.
+    e.stop_reason = reason_from_exit(e);
+    const bool crashed = e.stop_reason.kind == StopReason::Kind::crashed ||
+                         (e.stop_reason.kind == StopReason::Kind::signal && e.stop_reason.signal != 0);
+    const auto self = machines_.find(e.def.name);
+    if (self != machines_.end()) {
+        e.cleaning_up = true;
+        spawn(cleanup_after_exit(self->second), "clean up after an exit");
+    }
+    set_state(e, crashed ? MachineState::crashed : MachineState::stopped,
+              e.last_exit ? e.last_exit->to_string() : std::string{});
+}
+
+awaitable<void> Supervisor::cleanup_after_exit(std::shared_ptr<Entry> e)
+{
+    // The process is gone; shutdown() only cleans up (sockets, the log tail). It cannot fail.
+    auto machine = e->machine;
+    if (machine) {
+        auto r = co_await machine->shutdown();
+        (void)r;
+    }
+    e->cleaning_up = false;
+    e->notify();
+}
+
+//---- jobs ---------------------------------------------------------------------------------------
+
+void Supervisor::spawn(awaitable<void> task, const char* what)
+{
+    asio::co_spawn(ioc_, std::move(task), [what](const std::exception_ptr& ex) {
+        if (ex) {
+            spdlog::error("Failed to {}: {}", what, describe_exception(ex));
+        }
+    });
+}
+
+void Supervisor::begin_job(Entry& e, Job job)
+{
+    e.job = job;
+    e.notify();
+}
+
+void Supervisor::end_job(Entry& e)
+{
+    e.job = Job::none;
+    e.notify();
+}
+
+awaitable<void> Supervisor::wait_job(std::shared_ptr<Entry> e)
+{
+    Entry* raw = e.get();
+    std::function<bool()> idle = [raw] { return raw->job == Job::none && !raw->cleaning_up; };
+    co_await wait_entry(std::move(e), std::move(idle));
+}
+
+expected<void> Supervisor::job_conflict(const Entry& e, std::string_view op) const
+{
+    return fail(errc::invalid_state, fmt::format("cannot {} '{}': a {} is in progress", op,
+                                                 e.def.name, to_string(e.job)));
+}
+
+//---- create, update, remove ---------------------------------------------------------------------
+
+awaitable<expected<OpResult>> Supervisor::create(std::string name, json::Document spec_json)
+{
+    if (auto open = check_open(); !open) {
+        co_return fail(open.error());
+    }
+    if (auto valid = validate_name(name); !valid) {
+        co_return fail(valid.error());
+    }
+    if (machines_.contains(name)) {
+        co_return fail(errc::exists, fmt::format("a machine named '{}' already exists", name));
+    }
+    if (machines_.size() >= options_.max_machines) {
+        co_return fail(errc::limit_exceeded,
+                       fmt::format("cannot create '{}': the limit of {} machines is reached", name,
+                                   options_.max_machines));
+    }
+    auto spec = parse_spec(spec_json);
+    if (!spec) {
+        co_return fail(spec.error());
+    }
+    const std::string id = id_from_uuid(spec->uuid);
+    for (const auto& [other, oe] : machines_) {
+        if (oe->def.spec.uuid == spec->uuid || oe->id == id) {
+            co_return fail(errc::exists, fmt::format("cannot create '{}': uuid {} is already used "
+                                                     "by '{}'", name, spec->uuid, other));
+        }
+    }
+    auto e = std::make_shared<Entry>();
+    e->def.name = name;
+    e->def.generation = 1;
+    e->def.spec = std::move(*spec);
+    e->id = id;
+    e->dir = fmt::format("{}/m/{}", options_.runtime_dir, e->id);
+    e->creating = true;
+    machines_.emplace(name, e);
+    auto saved = co_await store_.save(name, definition_to_json(e->def));
+    if (!saved) {
+        machines_.erase(name);
+        spdlog::error("Failed to create '{}': {}", name, saved.error().message);
+        co_return fail(saved.error());
+    }
+    e->creating = false;
+    json::Document data(rapidjson::kObjectType);
+    data.AddMember("uuid", json::Value(e->def.spec.uuid.c_str(), data.GetAllocator()),
+                   data.GetAllocator());
+    data.AddMember("generation", e->def.generation, data.GetAllocator());
+    events_.publish(name, event_names::machine_created, data);
+    spdlog::info("Created machine '{}' (uuid {}, id {})", name, e->def.spec.uuid, e->id);
+    co_return result(*e);
+}
+
+awaitable<expected<OpResult>> Supervisor::update(std::string name, json::Document spec_json,
+                                                 std::uint64_t generation)
+{
+    if (auto open = check_open(); !open) {
+        co_return fail(open.error());
+    }
+    auto found = lookup(name);
+    if (!found) {
+        co_return fail(found.error());
+    }
+    auto e = machines_.find(name)->second;
+    if (e->job != Job::none) {
+        co_return fail(job_conflict(*e, "update").error());
+    }
+    if (has_process(e->state) || e->cleaning_up) {
+        co_return fail(errc::invalid_state,
+                       fmt::format("cannot update '{}' while it is {}: stop it first", name,
+                                   qm::to_string(e->state)));
+    }
+    if (generation != e->def.generation) {
+        co_return fail(errc::stale_generation,
+                       fmt::format("cannot update '{}': generation {} is not the current one ({})",
+                                   name, generation, e->def.generation));
+    }
+    const bool keeps_uuid = json::find(spec_json, "uuid") == nullptr;
+    auto spec = parse_spec(spec_json);
+    if (!spec) {
+        co_return fail(spec.error());
+    }
+    if (keeps_uuid) {
+        spec->uuid = e->def.spec.uuid;
+    }
+    const std::string id = id_from_uuid(spec->uuid);
+    for (const auto& [other, oe] : machines_) {
+        if (oe != e && (oe->def.spec.uuid == spec->uuid || oe->id == id)) {
+            co_return fail(errc::exists, fmt::format("cannot update '{}': uuid {} is already used "
+                                                     "by '{}'", name, spec->uuid, other));
+        }
+    }
+    Definition def;
+    def.name = name;
+    def.generation = e->def.generation + 1;
+    def.spec = std::move(*spec);
+    begin_job(*e, Job::update);
+    auto saved = co_await store_.save(name, definition_to_json(def));
+    end_job(*e);
+    if (!saved) {
+        spdlog::error("Failed to update '{}': {}", name, saved.error().message);
+        co_return fail(saved.error());
+    }
+    if (id != e->id) {
+        std::error_code ec;
+        fs::remove_all(e->dir, ec); // no process: only the last run's logs
+        e->id = id;
+        e->dir = fmt::format("{}/m/{}", options_.runtime_dir, id);
+    }
+    e->def = std::move(def);
+    json::Document data(rapidjson::kObjectType);
+    data.AddMember("generation", e->def.generation, data.GetAllocator());
+    events_.publish(name, event_names::machine_updated, data);
+    co_return result(*e);
+}
+
+awaitable<expected<std::uint64_t>> Supervisor::remove(std::string name, bool force)
+{
+    if (auto open = check_open(); !open) {
+        co_return fail(open.error());
+    }
+    auto found = lookup(name);
+    if (!found) {
+        co_return fail(found.error());
+    }
+    auto e = machines_.find(name)->second;
+    if (e->job == Job::remove) {
+        co_return fail(job_conflict(*e, "delete").error());
+    }
+    if (!force && (e->job != Job::none || has_process(e->state))) {
+        if (e->job != Job::none) {
+            co_return fail(job_conflict(*e, "delete").error());
+        }
+        co_return fail(errc::invalid_state,
+                       fmt::format("cannot delete '{}' while it is {}: stop it first, or force",
+                                   name, qm::to_string(e->state)));
+    }
+    if (force && e->machine && (has_process(e->state) || e->job != Job::none)) {
+        e->kill_requested = true;
+        e->machine->kill_now();
+    }
+    Entry* raw = e.get();
+    std::function<bool()> quiet = [raw] {
+        return !has_process(raw->state) && raw->job == Job::none && !raw->cleaning_up;
+    };
+    co_await wait_entry(e, std::move(quiet));
+    if (e->job != Job::none || has_process(e->state)) {
+        co_return fail(errc::invalid_state, fmt::format("cannot delete '{}': it was started again "
+                                                        "meanwhile", name));
+    }
+    begin_job(*e, Job::remove);
+    auto removed = co_await store_.remove(name);
+    if (!removed) {
+        end_job(*e);
+        spdlog::error("Failed to delete '{}': {}", name, removed.error().message);
+        co_return fail(removed.error());
+    }
+    end_job(*e);
+    machines_.erase(name);
+    e->machine.reset();
+    std::error_code ec;
+    fs::remove_all(e->dir, ec);
+    events_.forget_machine(name);
+    json::Document data(rapidjson::kObjectType);
+    const auto seq = events_.publish(name, event_names::machine_removed, data);
+    spdlog::info("Deleted machine '{}'", name);
+    co_return seq;
+}
+
+//---- start --------------------------------------------------------------------------------------
+
+awaitable<expected<OpResult>> Supervisor::start(std::string name)
+{
+    if (auto open = check_open(); !open) {
+        co_return fail(open.error());
+    }
+    auto found = lookup(name);
+    if (!found) {
+        co_return fail(found.error());
+    }
+    auto e = machines_.find(name)->second;
+    if (e->job == Job::start || e->job == Job::restart) {
+        // Joins the start in progress: its outcome is this call's outcome.
+        co_await wait_job(e);
+        if (has_process(e->state)) {
+            co_return result(*e);
+        }
+        co_return fail(errc::launch_failed,
+                       fmt::format("'{}' did not start: {}", name, e->stop_reason.detail));
+    }
+    if (e->job != Job::none) {
+        co_return fail(job_conflict(*e, "start").error());
+    }
+    if (e->state == MachineState::stopping) {
+        co_return fail(errc::invalid_state,
+                       fmt::format("cannot start '{}' while it is stopping", name));
+    }
+    if (has_process(e->state)) {
+        co_return result(*e); // running, paused, unresponsive: already started
+    }
+    begin_job(*e, Job::start);
+    auto started = co_await do_start(e);
+    end_job(*e);
+    if (!started) {
+        co_return fail(started.error());
+    }
+    co_return result(*e);
+}
+
+awaitable<expected<void>> Supervisor::do_start(std::shared_ptr<Entry> e)
+{
+    if (e->cleaning_up) {
+        Entry* raw = e.get();
+        std::function<bool()> clean = [raw] { return !raw->cleaning_up; };
+        co_await wait_entry(e, std::move(clean));
+    }
+    const MachineSpec& spec = e->def.spec;
+    const std::string name = e->def.name;
+    if (::mkdir(e->dir.c_str(), 0700) != 0 && errno != EEXIST) {
+        e->stop_reason = StopReason{StopReason::Kind::launch_failed, 0, std::nullopt,
+                                    fmt::format("cannot create '{}': {}", e->dir,
+                                                std::strerror(errno))};
+        set_state(*e, MachineState::failed, e->stop_reason.detail);
+        co_return fail(errc::launch_failed,
+                       fmt::format("cannot start '{}': {}", name, e->stop_reason.detail));
+    }
+    MachineConfig config;
+    config.binary = spec.binary;
+    config.name = name;
+    config.file_prefix = std::string(file_prefix);
+    config.base_temp_dir = e->dir;
+    config.sock_dir = e->dir;
+    config.log_dir = e->dir;
+    config.qmp_timer = options_.launch_timeout;
+    config.event_queue_limit = 0; // every event goes to the bus through on_event
+    config.console_ring_size = spec.console.ring_size;
+    config.console_log_max = spec.console.log_size;
+    if (spec.console.enabled && spec.console.log_size > 0) {
+        config.console_log = e->dir + "/console.log";
+    }
+    if (spec.memory_mib) {
+        config.args.emplace_back("-m");
+        config.args.push_back(std::to_string(*spec.memory_mib));
+    }
+    if (spec.cpus != 1) {
+        config.args.emplace_back("-smp");
+        config.args.push_back(std::to_string(spec.cpus));
+    }
+    config.args.insert(config.args.end(), spec.args.begin(), spec.args.end());
+
+    auto machine = std::make_shared<Machine>(ioc_, std::move(config));
+    if (spec.machine) {
+        machine->set_machine(*spec.machine);
+    }
+    if (spec.console.enabled) {
+        machine->set_console();
+    }
+    Entry* raw = e.get();
+    machine->on_state_change([this, raw](MachineState s) { on_machine_state(*raw, s); });
+    machine->on_event([this, raw](const qmp::Event& ev) { on_machine_event(*raw, ev); });
+    machine->on_exit([this, raw](const proc::ExitStatus&) { on_machine_exit(*raw); });
+    e->machine = machine;
+    e->kill_requested = false;
+    e->saw_shutdown = false;
+    e->shutdown_guest = false;
+    e->shutdown_reason.clear();
+    e->last_exit.reset();
+    e->unresponsive = false;
+    set_state(*e, MachineState::starting);
+
+    auto launched = co_await machine->launch();
+    if (!launched) {
+        e->last_exit = machine->exit_status();
+        if (e->kill_requested) {
+            e->stop_reason = StopReason{StopReason::Kind::host_kill, 0, std::nullopt, {}};
+            set_state(*e, MachineState::stopped, "killed while starting");
+            co_return fail(errc::launch_failed,
+                           fmt::format("'{}' was killed while starting", name));
+        }
+        e->stop_reason = StopReason{StopReason::Kind::launch_failed, 0, std::nullopt,
+                                    launched.error().message};
+        set_state(*e, MachineState::failed);
+        spdlog::error("Failed to start '{}': {}", name, launched.error().message);
+        co_return fail(errc::launch_failed,
+                       fmt::format("cannot start '{}': {}", name, launched.error().message));
+    }
+    if (!machine->is_running()) {
+        // It exited right after negotiating (an exit during the start job is ours to report).
+        e->stop_reason = reason_from_exit(*e);
+        e->cleaning_up = true;
+        spawn(cleanup_after_exit(e), "clean up after an exit");
+        set_state(*e, MachineState::crashed);
+        co_return fail(errc::launch_failed,
+                       fmt::format("'{}' exited right after starting: {}", name,
+                                   e->last_exit ? e->last_exit->to_string() : "unknown"));
+    }
+    e->stop_reason = StopReason{};
+    // The machine's state after negotiation: running, or paused (-S, an error state).
+    set_state(*e, machine->state() == MachineState::paused ? MachineState::paused
+                                                           : MachineState::running);
+    spdlog::info("Started '{}' (pid {})", name, machine->pid().value_or(-1));
+    co_return expected<void>{};
+}
+
+//---- stop, kill, restart ------------------------------------------------------------------------
+
+awaitable<expected<OpResult>> Supervisor::stop(std::string name, StopOptions options)
+{
+    if (auto open = check_open(); !open) {
+        co_return fail(open.error());
+    }
+    auto found = lookup(name);
+    if (!found) {
+        co_return fail(found.error());
+    }
+    auto e = machines_.find(name)->second;
+    if (e->job == Job::stop) {
+        co_await wait_job(e); // joins the stop in progress
+        co_return result(*e);
+    }
+    if (e->job != Job::none) {
+        co_return fail(job_conflict(*e, "stop").error());
+    }
+    if (!has_process(e->state)) {
+        co_await wait_job(e); // a cleanup after an exit
+        co_return result(*e); // already stopped
+    }
+    begin_job(*e, Job::stop);
+    auto stopped = co_await do_stop(e, options);
+    end_job(*e);
+    if (!stopped) {
+        co_return fail(stopped.error());
+    }
+    co_return result(*e);
+}
+
+awaitable<expected<void>> Supervisor::do_stop(std::shared_ptr<Entry> e, StopOptions options)
+{
+    auto machine = e->machine;
+    if (!machine) {
+        co_return expected<void>{};
+    }
+    const ShutdownModeSpec mode = options.mode.value_or(e->def.spec.shutdown.mode);
+    const auto timeout = options.timeout.value_or(
+        std::chrono::milliseconds(std::chrono::seconds(e->def.spec.shutdown.timeout_s)));
+    ShutdownOptions so;
+    so.mode = mode == ShutdownModeSpec::powerdown ? ShutdownMode::powerdown : ShutdownMode::quit;
+    if (so.mode == ShutdownMode::powerdown) {
+        so.powerdown_timeout = timeout;
+        so.timeout = quit_step_timeout;
+    } else {
+        so.timeout = timeout;
+    }
+    // A monitor that does not answer cannot quit gracefully; nor can a zero timeout.
+    so.hard = e->state == MachineState::unresponsive || timeout.count() == 0;
+    set_state(*e, MachineState::stopping);
+    auto r = co_await machine->shutdown(so);
+    if (!r && !r.error().is(errc::abnormal_shutdown)) {
+        spdlog::warn("Stopping '{}': {}", e->def.name, r.error().message);
+    }
+    e->last_exit = machine->exit_status();
+    StopReason reason;
+    switch (machine->last_shutdown_step()) {
+    case ShutdownStep::guest_poweroff: reason.kind = StopReason::Kind::guest_poweroff; break;
+    case ShutdownStep::quit: reason.kind = StopReason::Kind::host_quit; break;
+    case ShutdownStep::kill:
+        reason.kind = StopReason::Kind::host_kill;
+        if (!r) {
+            reason.detail = r.error().message;
+        }
+        break;
+    case ShutdownStep::exited:
+    case ShutdownStep::none: reason = reason_from_exit(*e); break;
+    }
+    if (e->kill_requested) {
+        reason.kind = StopReason::Kind::host_kill;
+    }
+    if (e->last_exit && e->last_exit->kind == proc::ExitStatus::Kind::exited) {
+        reason.exit_code = e->last_exit->code;
+    }
+    e->stop_reason = reason;
+    set_state(*e, MachineState::stopped);
+    co_return expected<void>{};
+}
+
+awaitable<expected<OpResult>> Supervisor::kill(std::string name)
+{
+    if (auto open = check_open(); !open) {
+        co_return fail(open.error());
+    }
+    auto found = lookup(name);
+    if (!found) {
+        co_return fail(found.error());
+    }
+    auto e = machines_.find(name)->second;
+    if (e->machine && (has_process(e->state) || e->job == Job::start || e->job == Job::restart)) {
+        // Preempts whatever is in progress: a stop waiting for the guest, a start, a hung monitor.
+        e->kill_requested = true;
+        e->machine->kill_now();
+        spdlog::info("Killing '{}'", name);
+    }
+    Entry* raw = e.get();
+    std::function<bool()> gone = [raw] {
+        return !has_process(raw->state) && raw->job != Job::start && raw->job != Job::stop &&
+               raw->job != Job::restart;
+    };
+    co_await wait_entry(e, std::move(gone));
+    co_return result(*e);
+}
+
+awaitable<expected<OpResult>> Supervisor::restart(std::string name)
+{
+    if (auto open = check_open(); !open) {
+        co_return fail(open.error());
+    }
+    auto found = lookup(name);
+    if (!found) {
+        co_return fail(found.error());
+    }
+    auto e = machines_.find(name)->second;
+    if (e->job != Job::none) {
+        co_return fail(job_conflict(*e, "restart").error());
+    }
+    if (e->state == MachineState::stopping) {
+        co_return fail(errc::invalid_state,
+                       fmt::format("cannot restart '{}' while it is stopping", name));
+    }
+    begin_job(*e, Job::restart);
+    if (has_process(e->state)) {
+        auto stopped = co_await do_stop(e, StopOptions{});
+        if (!stopped) {
+            end_job(*e);
+            co_return fail(stopped.error());
+        }
+    }
+    if (e->kill_requested) {
+        end_job(*e);
+        co_return fail(errc::invalid_state, fmt::format("'{}' was killed during restart", name));
+    }
+    auto started = co_await do_start(e);
+    end_job(*e);
+    if (!started) {
+        co_return fail(started.error());
+    }
+    co_return result(*e);
+}
+
+//---- pause, resume ------------------------------------------------------------------------------
+
+awaitable<expected<OpResult>> Supervisor::pause(std::string name)
+{
+    if (auto open = check_open(); !open) {
+        co_return fail(open.error());
+    }
+    auto found = lookup(name);
+    if (!found) {
+        co_return fail(found.error());
+    }
+    auto e = machines_.find(name)->second;
+    if (e->job == Job::pause) {
+        co_await wait_job(e);
+        co_return result(*e);
+    }
+    if (e->job != Job::none) {
+        co_return fail(job_conflict(*e, "pause").error());
+    }
+    if (e->state == MachineState::paused) {
+        co_return result(*e);
+    }
+    if (e->state == MachineState::unresponsive) {
+        co_return fail(errc::unresponsive, fmt::format("cannot pause '{}': its monitor does not "
+                                                       "answer", name));
+    }
+    if (e->state != MachineState::running) {
+        co_return fail(errc::invalid_state, fmt::format("cannot pause '{}' while it is {}", name,
+                                                        qm::to_string(e->state)));
+    }
+    begin_job(*e, Job::pause);
+    auto machine = e->machine;
+    auto r = co_await machine->pause(options_.pause_timeout);
+    end_job(*e);
+    if (!r) {
+        if (r.error().is(errc::timeout)) {
+            spawn(probe(e), "probe");
+        }
+        co_return fail(r.error());
+    }
+    co_return result(*e);
+}
+
+awaitable<expected<OpResult>> Supervisor::resume(std::string name)
+{
+    if (auto open = check_open(); !open) {
+        co_return fail(open.error());
+    }
+    auto found = lookup(name);
+    if (!found) {
+        co_return fail(found.error());
+    }
+    auto e = machines_.find(name)->second;
+    if (e->job == Job::resume) {
+        co_await wait_job(e);
+        co_return result(*e);
+    }
+    if (e->job != Job::none) {
+        co_return fail(job_conflict(*e, "resume").error());
+    }
+    if (e->state == MachineState::running) {
+        co_return result(*e);
+    }
+    if (e->state == MachineState::unresponsive) {
+        co_return fail(errc::unresponsive, fmt::format("cannot resume '{}': its monitor does not "
+                                                       "answer", name));
+    }
+    if (e->state != MachineState::paused) {
+        co_return fail(errc::invalid_state, fmt::format("cannot resume '{}' while it is {}", name,
+                                                        qm::to_string(e->state)));
+    }
+    begin_job(*e, Job::resume);
+    auto machine = e->machine;
+    auto r = co_await machine->resume(options_.pause_timeout);
+    end_job(*e);
+    if (!r) {
+        if (r.error().is(errc::timeout)) {
+            spawn(probe(e), "probe");
+        }
+        co_return fail(r.error());
+    }
+    co_return result(*e);
+}
+
+//---- QMP passthrough, probe, waits --------------------------------------------------------------
+
+awaitable<expected<QmpResult>> Supervisor::qmp(std::string name, std::string command,
+                                               json::Document arguments,
+                                               std::optional<std::chrono::milliseconds> timeout)
+{
+    if (auto open = check_open(); !open) {
+        co_return fail(open.error());
+    }
+    auto found = lookup(name);
+    if (!found) {
+        co_return fail(found.error());
+    }
+    auto e = machines_.find(name)->second;
+    if (command.empty()) {
+        co_return fail(errc::invalid_argument, "the QMP command name is empty");
+    }
+    if (!arguments.IsNull() && !arguments.IsObject()) {
+        co_return fail(errc::invalid_argument, "QMP arguments must be an object");
+    }
+    if (e->state == MachineState::unresponsive) {
+        co_return fail(errc::unresponsive,
+                       fmt::format("'{}' does not answer on its monitor", name));
+    }
+    if (e->state != MachineState::running && e->state != MachineState::paused) {
+        co_return fail(errc::invalid_state, fmt::format("cannot send '{}' to '{}' while it is {}",
+                                                        command, name, qm::to_string(e->state)));
+    }
+    auto client = e->machine ? e->machine->qmp_client() : nullptr;
+    if (!client) {
+        co_return fail(errc::invalid_state, fmt::format("'{}' has no QMP connection", name));
+    }
+    qmp::CallOptions call;
+    call.timeout = timeout.value_or(options_.qmp_timeout);
+    auto r = co_await client->execute(command, std::move(arguments), call);
+    if (!r) {
+        if (r.error().is(errc::timeout)) {
+            spawn(probe(e), "probe");
+        }
+        co_return fail(r.error());
+    }
+    QmpResult out;
+    out.value = std::move(*r);
+    out.seq = events_.last_seq();
+    co_return out;
+}
+
+awaitable<void> Supervisor::probe(std::shared_ptr<Entry> e)
+{
+    // Runs only after a command overran its deadline: never a periodic per-machine timer.
+    if (e->probing || !e->machine) {
+        co_return;
+    }
+    auto client = e->machine->qmp_client();
+    if (!client || !has_process(e->state)) {
+        co_return;
+    }
+    e->probing = true;
+    qmp::CallOptions call;
+    call.timeout = options_.probe_timeout;
+    auto r = co_await client->execute("query-status", json::Document(), call);
+    if (!r && r.error().is(errc::timeout) && has_process(e->state) &&
+        e->state != MachineState::stopping) {
+        e->unresponsive = true;
+        set_state(*e, MachineState::unresponsive,
+                  fmt::format("query-status got no answer within {} ms",
+                              options_.probe_timeout.count()));
+        // Unresponsive until it answers again or exits: one command waits without a deadline.
+        qmp::CallOptions forever;
+        forever.timeout = std::chrono::milliseconds::max();
+        r = co_await client->execute("query-status", json::Document(), forever);
+    }
+    e->probing = false;
+    if (r && e->state == MachineState::unresponsive) {
+        const auto status = json::get_string(*r, "status").value_or("");
+        set_state(*e, status == "running" ? MachineState::running : MachineState::paused,
+                  "the monitor answers again");
+    }
+}
+
+namespace {
+expected<void> console_available(std::string_view name, const Machine* m, MachineState state)
+{
+    if (m == nullptr || m->console() == nullptr) {
+        return fail(errc::invalid_state, fmt::format("'{}' has no console", name));
+    }
+    if (!has_process(state)) {
+        return fail(errc::invalid_state,
+                    fmt::format("'{}' is {}: its console is closed", name, qm::to_string(state)));
+    }
+    return {};
+}
+} // namespace
+
+awaitable<expected<std::uint64_t>> Supervisor::console_write(std::string name, std::string bytes)
+{
+    auto found = lookup(name);
+    if (!found) {
+        co_return fail(found.error());
+    }
+    auto e = machines_.find(name)->second;
+    if (auto ok = console_available(name, e->machine.get(), e->state); !ok) {
+        co_return fail(ok.error());
+    }
+    auto machine = e->machine;
+    auto written = co_await machine->console_write(std::move(bytes));
+    if (!written) {
+        co_return fail(written.error());
+    }
+    co_return machine->console_offset();
+}
+
+awaitable<expected<ConsoleMatch>> Supervisor::console_wait(std::string name, ConsolePattern pattern,
+                                                           std::chrono::milliseconds timeout,
+                                                           std::uint64_t from)
+{
+    auto found = lookup(name);
+    if (!found) {
+        co_return fail(found.error());
+    }
+    auto e = machines_.find(name)->second;
+    if (auto ok = console_available(name, e->machine.get(), e->state); !ok) {
+        co_return fail(ok.error());
+    }
+    auto machine = e->machine;
+    co_return co_await machine->wait_console(std::move(pattern), timeout, from);
+}
+
+expected<std::pair<std::string, std::uint64_t>> Supervisor::console_output(std::string_view name,
+                                                                           std::uint64_t from) const
+{
+    auto found = lookup(name);
+    if (!found) {
+        return fail(found.error());
+    }
+    const Entry& e = **found;
+    if (!e.machine || e.machine->console() == nullptr) {
+        return fail(errc::invalid_state, fmt::format("'{}' has no console output", name));
+    }
+    return std::make_pair(e.machine->console_output(from), e.machine->console_offset());
+}
+
+awaitable<expected<Event>> Supervisor::wait_event(std::string name, EventSelector selector,
+                                                  std::optional<std::uint64_t> since,
+                                                  std::chrono::milliseconds timeout)
+{
+    if (auto open = check_open(); !open) {
+        co_return fail(open.error());
+    }
+    auto found = lookup(name);
+    if (!found) {
+        co_return fail(found.error());
+    }
+    selector.machine = name;
+    co_return co_await events_.wait(std::move(selector), since, timeout);
+}
+
+//---- daemon shutdown ----------------------------------------------------------------------------
+
+awaitable<void> Supervisor::stop_for_shutdown(std::shared_ptr<Entry> e)
+{
+    co_await wait_job(e);
+    if (has_process(e->state)) {
+        begin_job(*e, Job::stop);
+        auto r = co_await do_stop(e, StopOptions{});
+        end_job(*e);
+        if (!r) {
+            spdlog::error("Failed to stop '{}': {}", e->def.name, r.error().message);
+        }
+    }
+}
+
+awaitable<void> Supervisor::shutdown()
+{
+    shutting_down_ = true;
+    std::vector<std::shared_ptr<Entry>> todo;
+    for (auto& [name, e] : machines_) {
+        if (has_process(e->state) || e->job != Job::none) {
+            todo.push_back(e);
+        }
+    }
+    spdlog::info("Stopping {} machine(s) before exit", todo.size());
+    auto ex = co_await asio::this_coro::executor;
+    std::size_t running = 0;
+    std::size_t next = 0;
+    asio::steady_timer wake(ex);
+    while (next < todo.size() || running > 0) {
+        while (next < todo.size() && running < std::max<std::size_t>(1, options_.stop_concurrency)) {
+            ++running;
+            asio::co_spawn(ex, stop_for_shutdown(todo[next++]), [&](const std::exception_ptr& ex_ptr) {
+                if (ex_ptr) {
+                    spdlog::error("Stopping a machine failed: {}", describe_exception(ex_ptr));
+                }
+                --running;
+                wake.cancel();
+            });
+        }
+        wake.expires_at(asio::steady_timer::time_point::max());
+        error_code ec;
+        co_await wake.async_wait(use_ec(ec));
+    }
+}
+
+} // namespace qm::daemon

@@ -201,7 +201,7 @@ expected<void> Machine::add_fd(int fd, int fdset, std::string opaque, std::strin
 std::string Machine::console_socket_path()
 {
     const std::string& dir = config_.sock_dir.empty() ? config_.base_temp_dir : config_.sock_dir;
-    return fmt::format("{}/{}-console.sock", dir, config_.name);
+    return fmt::format("{}/{}-console.sock", dir, file_prefix());
 }
 
 expected<qmp::Address> Machine::monitor_address()
@@ -210,7 +210,7 @@ expected<qmp::Address> Machine::monitor_address()
         return *config_.monitor_address;
     }
     const std::string& dir = config_.sock_dir.empty() ? config_.base_temp_dir : config_.sock_dir;
-    return qmp::Address::unix_socket(fmt::format("{}/{}-monitor.sock", dir, config_.name));
+    return qmp::Address::unix_socket(fmt::format("{}/{}-monitor.sock", dir, file_prefix()));
 }
 
 std::vector<std::string> Machine::base_args() const
@@ -522,7 +522,7 @@ awaitable<expected<void>> Machine::do_launch()
     if (!dir) {
         co_return fail(dir.error());
     }
-    log_path_ = fmt::format("{}/{}.log", *dir, config_.name);
+    log_path_ = fmt::format("{}/{}.log", *dir, file_prefix());
     const int log_fd = ::open(log_path_.c_str(),
                               O_WRONLY | O_CREAT | O_CLOEXEC |
                                   (config_.log_append ? O_APPEND : O_TRUNC),
@@ -584,10 +584,17 @@ awaitable<expected<void>> Machine::do_launch()
         }
         co_return fail(socket.error());
     }
-    client_ = qmp::Client::create(ex, {.name = config_.name, .greeting_timeout = config_.qmp_timer});
+    qmp::ClientOptions client_options;
+    client_options.name = config_.name;
+    client_options.greeting_timeout = config_.qmp_timer;
+    client_options.event_queue_limit = config_.event_queue_limit;
+    client_ = qmp::Client::create(ex, std::move(client_options));
     client_->subscribe([this, life = std::weak_ptr<int>(life_)](const qmp::Event& e) {
         if (!life.expired()) {
             handle_event(e);
+            if (on_event_) {
+                on_event_(e);
+            }
         }
     });
     auto greeting = co_await client_->start(std::move(*socket));
@@ -818,6 +825,15 @@ awaitable<expected<void>> Machine::shutdown(ShutdownOptions options)
     shutting_down_ = false;
     set_state(state_); // wake callers waiting for the cleanup
     co_return result;
+}
+
+void Machine::kill_now() noexcept
+{
+    if (pid_ > 0 && !exit_status_) {
+        user_killed_ = true;
+        sigkill_sent_ = true;
+        ::kill(pid_, SIGKILL);
+    }
 }
 
 awaitable<expected<void>> Machine::kill()

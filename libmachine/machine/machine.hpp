@@ -45,6 +45,9 @@ struct MachineConfig
     // Where QMP is: by default a unix socket "<sock_dir>/<name>-monitor.sock" that the machine
     // listens on and QEMU connects to (removed as soon as QEMU has connected).
     std::optional<qmp::Address> monitor_address{};
+    // Beyond the seed: the prefix of socket and log file names instead of `name` (a supervisor
+    // names files by a short fixed-length id, so that no name makes a socket path too long).
+    std::string file_prefix{};
     // Where sockets are created; base_temp_dir when empty (as the seed).
     std::string sock_dir{};
     // Console (set_console). The seed drains the console into a buffer only when asked
@@ -66,6 +69,9 @@ struct MachineConfig
     std::string log_dir{};
     // Deadline for QEMU to connect and negotiate QMP (the seed's qmp_timer; 30 s as upstream).
     std::chrono::milliseconds qmp_timer = 30s;
+    // Beyond the seed: how many received events are kept for get_qmp_event(s)/event_wait (the
+    // oldest dropped beyond it). A supervisor that takes every event through on_event() sets 0.
+    std::size_t event_queue_limit = 1024;
     // Append to QEMU's log rather than truncating it (the seed truncates).
     bool log_append = false;
 };
@@ -129,6 +135,7 @@ class Machine
 public:
     using ExitHandler = std::function<void(const proc::ExitStatus&)>;
     using StateHandler = std::function<void(MachineState)>;
+    using EventHandler = std::function<void(const qmp::Event&)>;
 
     Machine(asio::io_context& ioc, MachineConfig config);
     Machine(const Machine&) = delete;
@@ -165,6 +172,9 @@ public:
     // errc::abnormal_shutdown when the process had to be killed after a graceful step failed.
     awaitable<expected<void>> shutdown(ShutdownOptions options = {});
     awaitable<expected<void>> kill();
+    // Beyond the seed: SIGKILL at once, whatever is in progress (a shutdown() waiting for the guest
+    // or for quit then completes with step kill; a launch fails). No-op without a process.
+    void kill_now() noexcept;
     // Waits for the guest to power QEMU off (shutdown with has_quit).
     awaitable<expected<void>> wait(std::chrono::milliseconds timeout = 30s);
 
@@ -248,11 +258,17 @@ public:
     const std::string& log_path() const noexcept { return log_path_; }
     std::string console_socket_path();
     const std::string& name() const noexcept { return config_.name; }
+    const std::string& file_prefix() const noexcept
+    {
+        return config_.file_prefix.empty() ? config_.name : config_.file_prefix;
+    }
     const MachineConfig& config() const noexcept { return config_; }
 
     //---- notifications (beyond the seed, for a supervisor) ----
     void on_exit(ExitHandler handler) { on_exit_ = std::move(handler); }
     void on_state_change(StateHandler handler) { on_state_change_ = std::move(handler); }
+    // Every QMP event, in arrival order, after the machine's own state has followed it.
+    void on_event(EventHandler handler) { on_event_ = std::move(handler); }
     // The QMP client of the running machine (or of the last one, for its queued events).
     std::shared_ptr<qmp::Client> qmp_client() const noexcept { return client_; }
 
@@ -318,6 +334,7 @@ private:
 
     ExitHandler on_exit_;
     StateHandler on_state_change_;
+    EventHandler on_event_;
 };
 
 } // namespace qm

@@ -20,6 +20,7 @@
 #include "libmachine/json.hpp"
 #include "libmachine/machine/machine.hpp"
 #include "tests/machine/machine_fixture.hpp"
+#include "tests/support/guest_image.hpp"
 
 #ifndef QM_SOURCE_DIR
 #error "QM_SOURCE_DIR (the source tree, for scripts/guest-image) must be defined by the build"
@@ -38,51 +39,6 @@ namespace fs = std::filesystem;
 constexpr auto boot_timeout = 60s;
 constexpr auto answer_timeout = 30s;
 
-// Where the guest's vmlinuz and initramfs.cpio.gz are, or why there are none. scripts/guest-image
-// (which honours QM_GUEST_DIR) builds them once and caches them; it prints the directory last.
-struct GuestImage
-{
-    std::string dir;
-    std::string error;
-};
-
-const GuestImage& guest_image()
-{
-    static const GuestImage image = [] {
-        GuestImage g;
-        const std::string script = std::string(QM_SOURCE_DIR) + "/scripts/guest-image";
-        const std::string command = fmt::format("'{}' 2>&1 </dev/null", script);
-        FILE* p = ::popen(command.c_str(), "r");
-        if (p == nullptr) {
-            g.error = "cannot run " + script;
-            return g;
-        }
-        std::string out;
-        char buf[4096];
-        for (std::size_t n; (n = std::fread(buf, 1, sizeof(buf), p)) > 0;) {
-            out.append(buf, n);
-        }
-        const int status = ::pclose(p);
-        while (!out.empty() && out.back() == '\n') {
-            out.pop_back();
-        }
-        const auto nl = out.rfind('\n');
-        const std::string last = nl == std::string::npos ? out : out.substr(nl + 1);
-        if (status != 0) {
-            g.error = fmt::format("{} failed (exit status {}):\n{}", script,
-                                  WIFEXITED(status) ? WEXITSTATUS(status) : -1, out);
-        } else if (!fs::exists(last + "/vmlinuz") || !fs::exists(last + "/initramfs.cpio.gz")) {
-            g.error =
-                fmt::format("{} printed '{}', which holds no vmlinuz and initramfs.cpio.gz:\n{}",
-                            script, last, out);
-        } else {
-            g.dir = last;
-        }
-        return g;
-    }();
-    return image;
-}
-
 class MachineGuestTest : public test::MachineFixture
 {
 protected:
@@ -94,7 +50,7 @@ protected:
         }
         // A missing guest is a failure, not a skip: these tests are the only proof of the console
         // and power-off paths.
-        const auto& g = guest_image();
+        const auto& g = test::guest_image();
         ASSERT_TRUE(g.error.empty()) << "no test guest: " << g.error;
     }
 
@@ -102,7 +58,7 @@ protected:
     std::unique_ptr<Machine> make_guest(MachineConfig c, const std::string& append_extra = {},
                                         const std::vector<std::string>& args = {})
     {
-        const std::string& dir = guest_image().dir;
+        const std::string& dir = test::guest_image().dir;
         auto m = std::make_unique<Machine>(ioc_, std::move(c));
         m->set_machine("pc,accel=tcg");
         m->set_console();
