@@ -167,10 +167,14 @@ protected:
 
     static std::string definition(const std::string& name, bool autostart)
     {
+        // Every definition the daemon writes has a uuid; one without is refused.
+        static int n = 0;
         return fmt::format(R"({{"format": 1, "name": "{}", "generation": 1, "spec": {{
+            "uuid": "6b1d7f0e-3c2a-4e4b-9d3c-0000000000{:02}",
             "binary": {}, "machine": "none", "console": {{"enabled": false}},
             "shutdown": {{"mode": "quit", "timeout_s": 10}}, "autostart": {}}}}})",
-                           name, json::quote(QemuProcess::binary()), autostart ? "true" : "false");
+                           name, ++n, json::quote(QemuProcess::binary()),
+                           autostart ? "true" : "false");
     }
 
     fs::path root_;
