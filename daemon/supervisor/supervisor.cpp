@@ -432,8 +432,11 @@ void Supervisor::set_state(Entry& e, MachineState state, std::string detail)
     if (!detail.empty()) {
         data.AddMember("detail", json::Value(detail.c_str(), a), a);
     }
-    spdlog::info("Machine '{}' is {} (was {}){}{}", e.def.name, s, p, detail.empty() ? "" : ": ",
-                 detail);
+    std::string why = detail;
+    if (why.empty() && data.HasMember("reason")) {
+        why = fmt::format("reason {}", daemon::to_string(e.stop_reason.kind));
+    }
+    spdlog::info("Machine '{}' is {} (was {}){}{}", e.def.name, s, p, why.empty() ? "" : ": ", why);
     events_.publish(e.def.name, event_names::state_changed, data);
     e.notify();
 }
