@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <csignal>
 #include <cstring>
@@ -33,6 +34,15 @@ constexpr std::string_view file_prefix = "qemu";
 // The longest file name in a machine's runtime directory, "/m/<id>/qemu-console.sock": the
 // runtime directory may be at most 107 - this long (unix socket paths are 108 bytes with NUL).
 constexpr std::size_t runtime_suffix_len = 3 + 12 + 1 + 17;
+
+// Commands that take long by nature get a longer default deadline than options().qmp_timeout
+// (sorted by name; a call may still give its own).
+constexpr std::array<std::pair<std::string_view, std::chrono::seconds>, 4> slow_commands{{
+    {"dump-guest-memory", 300s},
+    {"human-monitor-command", 60s},
+    {"query-qmp-schema", 30s},
+    {"screendump", 60s},
+}};
 
 std::int64_t now_us()
 {
@@ -228,7 +238,13 @@ Supervisor::Supervisor(asio::io_context& ioc, SupervisorOptions options)
 Supervisor::~Supervisor()
 {
     life_.reset();
-    // Machines still running are killed by their destructors (and reaped by the watcher).
+    // Machines still running are killed now (and reaped by the watcher); a Machine held by a
+    // suspended operation dies with it. Destroy the supervisor after shutdown() completed.
+    for (auto& [name, e] : machines_) {
+        if (e->machine) {
+            e->machine->kill_now();
+        }
+    }
     machines_.clear();
 }
 
@@ -452,6 +468,13 @@ void Supervisor::on_machine_state(Entry& e, MachineState s)
             return; // our stop is under way: a late RESUME does not bring the machine back
         }
         set_state(e, s);
+        break;
+    case MachineState::unresponsive:
+        // The monitor connection broke while QEMU lives on: nothing can be asked of it any more.
+        if (has_process(e.state) && e.state != MachineState::stopping) {
+            e.unresponsive = true;
+            set_state(e, MachineState::unresponsive, "the QMP connection was lost");
+        }
         break;
     default:
         // defined, stopped, crashed, failed: the supervisor decides, knowing the reason.
@@ -836,9 +859,24 @@ awaitable<expected<void>> Supervisor::do_start(std::shared_ptr<Entry> e)
         machine->set_console();
     }
     Entry* raw = e.get();
-    machine->on_state_change([this, raw](MachineState s) { on_machine_state(*raw, s); });
-    machine->on_event([this, raw](const qmp::Event& ev) { on_machine_event(*raw, ev); });
-    machine->on_exit([this, raw](const proc::ExitStatus&) { on_machine_exit(*raw); });
+    // The callbacks check the supervisor's liveness token: a machine that outlives it (held by a
+    // coroutine frame until the loop is destroyed) never calls into a destroyed supervisor.
+    std::weak_ptr<int> life = life_;
+    machine->on_state_change([this, raw, life](MachineState s) {
+        if (!life.expired()) {
+            on_machine_state(*raw, s);
+        }
+    });
+    machine->on_event([this, raw, life](const qmp::Event& ev) {
+        if (!life.expired()) {
+            on_machine_event(*raw, ev);
+        }
+    });
+    machine->on_exit([this, raw, life](const proc::ExitStatus&) {
+        if (!life.expired()) {
+            on_machine_exit(*raw);
+        }
+    });
     e->machine = machine;
     e->kill_requested = false;
     e->saw_shutdown = false;
@@ -1142,7 +1180,16 @@ awaitable<expected<QmpResult>> Supervisor::qmp(std::string name, std::string com
         co_return fail(errc::invalid_state, fmt::format("'{}' has no QMP connection", name));
     }
     qmp::CallOptions call;
-    call.timeout = timeout.value_or(options_.qmp_timeout);
+    call.timeout = options_.qmp_timeout;
+    const auto slow = std::lower_bound(
+        slow_commands.begin(), slow_commands.end(), command,
+        [](const auto& entry, const std::string& c) { return entry.first < c; });
+    if (slow != slow_commands.end() && slow->first == command) {
+        call.timeout = std::max<std::chrono::milliseconds>(*call.timeout, slow->second);
+    }
+    if (timeout) {
+        call.timeout = *timeout;
+    }
     auto r = co_await client->execute(command, std::move(arguments), call);
     if (!r) {
         if (r.error().is(errc::timeout)) {

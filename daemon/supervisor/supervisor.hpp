@@ -114,7 +114,8 @@ struct SupervisorOptions
     EventBusOptions events{};
 };
 
-// Owned by main (or a test); loop thread only. Operations on one machine are serialised (one
+// Owned by main (or a test); loop thread only; destroyed after shutdown() completed (it kills
+// whatever still runs). Operations on one machine are serialised (one
 // lifecycle operation at a time; see proto/states.md for what conflicts and what joins);
 // operations on different machines never wait on each other. List and inspect answer from the
 // model. Errors (qm::errc): no_such_machine, exists, invalid_argument (name, spec), invalid_state
