@@ -1,2 +1,511 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
-// Placeholder (being written).
+// qmachined's configuration: the defaults, the config file, the command line (in that order of
+// precedence, lowest first), the --help text, and the private directories the daemon runs in.
+#include "daemon/config.hpp"
+
+#include <array>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <iterator>
+#include <optional>
+#include <string_view>
+#include <utility>
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+namespace qm::daemon {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr const char* root_state_dir = "/var/lib/qmachined";
+constexpr const char* root_runtime_dir = "/run/qmachined";
+
+struct LevelName
+{
+    std::string_view name;
+    spdlog::level::level_enum level;
+};
+// Our own table: spdlog::level::from_str() turns every unknown word into "off".
+constexpr std::array<LevelName, 7> log_levels{{
+    {"trace", spdlog::level::trace},
+    {"debug", spdlog::level::debug},
+    {"info", spdlog::level::info},
+    {"warn", spdlog::level::warn},
+    {"error", spdlog::level::err},
+    {"critical", spdlog::level::critical},
+    {"off", spdlog::level::off},
+}};
+
+std::string level_list()
+{
+    std::string out;
+    for (const auto& l : log_levels) {
+        if (!out.empty()) {
+            out += ", ";
+        }
+        out += l.name;
+    }
+    return out;
+}
+
+std::optional<spdlog::level::level_enum> parse_level(std::string_view s)
+{
+    for (const auto& l : log_levels) {
+        if (l.name == s) {
+            return l.level;
+        }
+    }
+    return std::nullopt;
+}
+
+std::string errno_text(int err)
+{
+    char buf[256];
+    return ::strerror_r(err, buf, sizeof buf); // the GNU strerror_r: returns the text
+}
+
+// "/a/./b/" -> "/a/b": what users see in messages and what the daemon stores.
+std::string clean_path(const fs::path& p)
+{
+    std::string s = p.lexically_normal().string();
+    while (s.size() > 1 && s.back() == '/') {
+        s.pop_back();
+    }
+    return s;
+}
+
+bool is_absolute(std::string_view s)
+{
+    return !s.empty() && s.front() == '/';
+}
+
+// A set, absolute environment variable; the XDG base directory spec says to ignore relative ones.
+std::optional<std::string> absolute_env(const GetEnv& getenv, const char* name)
+{
+    const char* v = getenv(name);
+    if (v == nullptr || !is_absolute(v)) {
+        return std::nullopt;
+    }
+    return std::string(v);
+}
+
+expected<std::string> default_state_dir(bool as_root, const GetEnv& getenv)
+{
+    if (as_root) {
+        return std::string(root_state_dir);
+    }
+    if (auto state = absolute_env(getenv, "XDG_STATE_HOME")) {
+        return clean_path(fs::path(*state) / "qmachined");
+    }
+    if (auto home = absolute_env(getenv, "HOME")) {
+        return clean_path(fs::path(*home) / ".local/state/qmachined");
+    }
+    return fail(errc::invalid_argument, "neither XDG_STATE_HOME nor HOME is set; use --state-dir");
+}
+
+expected<std::string> default_runtime_dir(bool as_root, const GetEnv& getenv)
+{
+    if (as_root) {
+        return std::string(root_runtime_dir);
+    }
+    if (auto runtime = absolute_env(getenv, "XDG_RUNTIME_DIR")) {
+        return clean_path(fs::path(*runtime) / "qmachined");
+    }
+    return fail(errc::invalid_argument, "XDG_RUNTIME_DIR is not set; use --runtime-dir");
+}
+
+std::string_view trim(std::string_view s)
+{
+    constexpr std::string_view space = " \t\r\v\f";
+    const auto first = s.find_first_not_of(space);
+    if (first == std::string_view::npos) {
+        return {};
+    }
+    const auto last = s.find_last_not_of(space);
+    return s.substr(first, last - first + 1);
+}
+
+// The flags' values, before they are laid over the file and the defaults.
+struct Flags
+{
+    std::optional<std::string> state_dir;
+    std::optional<std::string> runtime_dir;
+    std::optional<spdlog::level::level_enum> log_level;
+    std::optional<std::string> config_file;
+    bool help = false;
+    bool version = false;
+};
+
+expected<std::string> absolute_from_flag(std::string_view flag, const std::string& value)
+{
+    fs::path p(value);
+    if (p.is_relative()) {
+        std::error_code ec;
+        auto cwd = fs::current_path(ec);
+        if (ec) {
+            return fail(errc::invalid_argument, fmt::format("{}: cannot make '{}' absolute: {}",
+                                                            flag, value, ec.message()));
+        }
+        p = cwd / p;
+    }
+    return clean_path(p);
+}
+
+expected<Flags> parse_flags(const std::vector<std::string>& args)
+{
+    Flags flags;
+    for (std::size_t i = 0; i < args.size(); ++i) {
+        const std::string& arg = args[i];
+        if (arg == "-h") {
+            flags.help = true;
+            continue;
+        }
+        if (arg.rfind("--", 0) != 0 || arg == "--") {
+            if (arg != "--" && arg.size() > 1 && arg.front() == '-') {
+                return fail(errc::invalid_argument, fmt::format("unknown option '{}'", arg));
+            }
+            return fail(errc::invalid_argument, fmt::format("unexpected argument '{}'", arg));
+        }
+        const auto eq = arg.find('=');
+        const std::string name = arg.substr(0, eq);
+        std::optional<std::string> value;
+        if (eq != std::string::npos) {
+            value = arg.substr(eq + 1);
+        }
+
+        if (name == "--help" || name == "--version") {
+            if (value) {
+                return fail(errc::invalid_argument,
+                            fmt::format("option '{}' takes no value", name));
+            }
+            (name == "--help" ? flags.help : flags.version) = true;
+            continue;
+        }
+        if (name != "--state-dir" && name != "--runtime-dir" && name != "--log-level" &&
+            name != "--config") {
+            return fail(errc::invalid_argument, fmt::format("unknown option '{}'", name));
+        }
+        if (!value) {
+            // "--state-dir --log-level debug" is a forgotten value, not a directory named
+            // "--log-level" ("--state-dir=-odd" still names one).
+            if (i + 1 < args.size() && (args[i + 1].empty() || args[i + 1].front() != '-')) {
+                value = args[++i];
+            }
+        }
+        if (!value || value->empty()) {
+            return fail(errc::invalid_argument, fmt::format("option '{}' needs a value", name));
+        }
+
+        if (name == "--log-level") {
+            auto level = parse_level(*value);
+            if (!level) {
+                return fail(
+                    errc::invalid_argument,
+                    fmt::format("--log-level: '{}' is not one of {}", *value, level_list()));
+            }
+            flags.log_level = *level;
+            continue;
+        }
+        auto path = absolute_from_flag(name, *value);
+        if (!path) {
+            return fail(std::move(path).error());
+        }
+        if (name == "--state-dir") {
+            flags.state_dir = std::move(*path);
+        } else if (name == "--runtime-dir") {
+            flags.runtime_dir = std::move(*path);
+        } else {
+            flags.config_file = std::move(*path);
+        }
+    }
+    return flags;
+}
+
+} // namespace
+
+expected<Config> default_config(bool as_root, const GetEnv& getenv)
+{
+    auto state = default_state_dir(as_root, getenv);
+    if (!state) {
+        return fail(std::move(state).error());
+    }
+    auto runtime = default_runtime_dir(as_root, getenv);
+    if (!runtime) {
+        return fail(std::move(runtime).error());
+    }
+    Config config;
+    config.state_dir = std::move(*state);
+    config.runtime_dir = std::move(*runtime);
+    return config;
+}
+
+expected<Config> default_config()
+{
+    return default_config(::geteuid() == 0, [](const char* name) { return std::getenv(name); });
+}
+
+expected<CommandLine> parse_command_line(const std::vector<std::string>& args, bool as_root,
+                                         const GetEnv& getenv)
+{
+    auto flags = parse_flags(args);
+    if (!flags) {
+        return fail(std::move(flags).error());
+    }
+    CommandLine out;
+    out.help = flags->help;
+    out.version = flags->version;
+    Config& config = out.config;
+    if (out.help || out.version) {
+        // Nothing else is needed, and nothing else may fail: "--help" works without HOME.
+        config.state_dir = flags->state_dir.value_or("");
+        config.runtime_dir = flags->runtime_dir.value_or("");
+        config.log_level = flags->log_level.value_or(config.log_level);
+        config.config_file = flags->config_file.value_or("");
+        return out;
+    }
+
+    // A default that cannot be computed is an error only when neither the file nor a flag
+    // replaces it (a user without XDG_RUNTIME_DIR can still pass --runtime-dir).
+    auto state = default_state_dir(as_root, getenv);
+    auto runtime = default_runtime_dir(as_root, getenv);
+    config.state_dir = state ? *state : std::string();
+    config.runtime_dir = runtime ? *runtime : std::string();
+
+    if (flags->config_file) {
+        config.config_file = *flags->config_file;
+        if (auto applied = apply_config_file(config, config.config_file); !applied) {
+            return fail(std::move(applied).error());
+        }
+    }
+    if (flags->state_dir) {
+        config.state_dir = *flags->state_dir;
+    }
+    if (flags->runtime_dir) {
+        config.runtime_dir = *flags->runtime_dir;
+    }
+    if (flags->log_level) {
+        config.log_level = *flags->log_level;
+    }
+    if (config.state_dir.empty()) {
+        return fail(std::move(state).error());
+    }
+    if (config.runtime_dir.empty()) {
+        return fail(std::move(runtime).error());
+    }
+    return out;
+}
+
+expected<CommandLine> parse_command_line(const std::vector<std::string>& args)
+{
+    return parse_command_line(args, ::geteuid() == 0,
+                              [](const char* name) { return std::getenv(name); });
+}
+
+expected<void> apply_config_text(Config& config, const std::string& text, const std::string& origin)
+{
+    Config out = config; // `config` is left alone on failure
+    std::string_view rest = text;
+    for (int line_no = 1; !rest.empty(); ++line_no) {
+        const auto nl = rest.find('\n');
+        std::string_view line = rest.substr(0, nl);
+        rest = nl == std::string_view::npos ? std::string_view() : rest.substr(nl + 1);
+
+        // A comment starts with '#' at the start of a line or after white space ("a#b" is a value).
+        for (std::size_t pos = line.find('#'); pos != std::string_view::npos;
+             pos = line.find('#', pos + 1)) {
+            if (pos == 0 || line[pos - 1] == ' ' || line[pos - 1] == '\t') {
+                line = line.substr(0, pos);
+                break;
+            }
+        }
+        line = trim(line);
+        if (line.empty()) {
+            continue;
+        }
+        auto bad = [&](const std::string& what) {
+            return fail(errc::invalid_argument, fmt::format("{}:{}: {}", origin, line_no, what));
+        };
+        const auto eq = line.find('=');
+        if (eq == std::string_view::npos || trim(line.substr(0, eq)).empty()) {
+            return bad(fmt::format("expected 'key = value', got '{}'", line));
+        }
+        const std::string key(trim(line.substr(0, eq)));
+        const std::string value(trim(line.substr(eq + 1)));
+        if (key != "state-dir" && key != "runtime-dir" && key != "log-level") {
+            return bad(fmt::format("unknown key '{}'", key));
+        }
+        if (value.empty()) {
+            return bad(fmt::format("{}: needs a value", key));
+        }
+        if (key == "log-level") {
+            auto level = parse_level(value);
+            if (!level) {
+                return bad(fmt::format("log-level: '{}' is not one of {}", value, level_list()));
+            }
+            out.log_level = *level;
+            continue;
+        }
+        // Relative to what? The daemon's cwd is '/' under systemd and anything by hand: refuse.
+        if (!is_absolute(value)) {
+            return bad(fmt::format("{}: '{}' is not an absolute path", key, value));
+        }
+        (key == "state-dir" ? out.state_dir : out.runtime_dir) = clean_path(value);
+    }
+    config = std::move(out);
+    return {};
+}
+
+expected<void> apply_config_file(Config& config, const std::string& path)
+{
+    auto failed = [&](int err) {
+        return fail(errc::system_error,
+                    fmt::format("cannot read config file '{}': {}", path, errno_text(err)));
+    };
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        return failed(errno);
+    }
+    // A configuration file is a few lines; anything near this is a mistake (a disk image?).
+    constexpr std::size_t max_size = 1 << 20;
+    std::string text;
+    char buf[4096];
+    for (;;) {
+        const ssize_t n = ::read(fd, buf, sizeof buf);
+        if (n < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            const int err = errno;
+            ::close(fd);
+            return failed(err);
+        }
+        if (n == 0) {
+            break;
+        }
+        text.append(buf, static_cast<std::size_t>(n));
+        if (text.size() > max_size) {
+            ::close(fd);
+            return fail(errc::invalid_argument,
+                        fmt::format("config file '{}' is larger than {} bytes", path, max_size));
+        }
+    }
+    ::close(fd);
+    return apply_config_text(config, text, path);
+}
+
+expected<void> ensure_private_dir(const std::string& path)
+{
+    if (path.empty()) {
+        return fail(errc::invalid_argument, "empty directory name");
+    }
+    const std::string dir = clean_path(path); // no trailing '/', no "." components
+    auto failed = [](const std::string& what, const std::string& path, int err) {
+        return fail(errc::system_error,
+                    fmt::format("cannot {} '{}': {}", what, path, errno_text(err)));
+    };
+
+    // The parents first: each missing one is created 0700 (they hold nothing but our directory).
+    const fs::path target(dir);
+    fs::path prefix;
+    for (auto it = target.begin(); it != target.end(); ++it) {
+        prefix /= *it;
+        if (std::next(it) == target.end() || *it == "/" || it->empty()) {
+            continue;
+        }
+        if (::mkdir(prefix.c_str(), 0700) == 0) {
+            // The umask may have taken bits (even the owner's); say exactly what we mean.
+            if (::chmod(prefix.c_str(), 0700) != 0) {
+                return failed("set the permissions of", prefix.string(), errno);
+            }
+            continue;
+        }
+        const int err = errno;
+        struct stat st
+        {
+        };
+        if (err != EEXIST && !(::stat(prefix.c_str(), &st) == 0 && S_ISDIR(st.st_mode))) {
+            return failed("create directory", prefix.string(), err);
+        }
+    }
+
+    bool created = false;
+    if (::mkdir(dir.c_str(), 0700) == 0) {
+        created = true;
+    } else if (errno != EEXIST) {
+        return failed("create directory", dir, errno);
+    }
+    // Checked and changed through one descriptor, so that what is checked is what is changed.
+    const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) {
+        const int err = errno;
+        if (err == ENOTDIR) {
+            return fail(errc::system_error, fmt::format("'{}' exists and is not a directory", dir));
+        }
+        return failed("open directory", dir, err);
+    }
+    struct stat st
+    {
+    };
+    if (::fstat(fd, &st) != 0) {
+        const int err = errno;
+        ::close(fd);
+        return failed("stat", dir, err);
+    }
+    const uid_t me = ::geteuid();
+    if (st.st_uid != me) {
+        ::close(fd);
+        // Another user's directory would let them read our sockets or plant definitions.
+        return fail(errc::system_error,
+                    fmt::format("'{}' is owned by uid {}, not by uid {}", dir, st.st_uid, me));
+    }
+    const mode_t mode = st.st_mode & 07777;
+    if (mode != 0700) {
+        if (::fchmod(fd, 0700) != 0) {
+            const int err = errno;
+            ::close(fd);
+            return failed("set the permissions of", dir, err);
+        }
+        if (!created && (mode & 077) != 0) {
+            spdlog::warn("Tightened the permissions of '{}' from {:04o} to 0700", dir, mode);
+        }
+    }
+    ::close(fd);
+    return {};
+}
+
+std::string usage()
+{
+    return fmt::format(
+        R"(Usage: qmachined [OPTION]...
+Supervise QEMU machines: keep their definitions, run them, and serve the API.
+
+Options (each as "--option value" or "--option=value"; the last one given wins):
+  --state-dir DIR      keep machine definitions in DIR
+                         default: {} as root,
+                         else $XDG_STATE_HOME/qmachined ($HOME/.local/state/qmachined)
+  --runtime-dir DIR    keep sockets, records and logs of running machines in DIR
+                         default: {} as root, else $XDG_RUNTIME_DIR/qmachined
+  --log-level LEVEL    log at LEVEL and above: {}
+                         default: info
+  --config FILE        read options from FILE first ("key = value" lines with the keys
+                         state-dir, runtime-dir, log-level; '#' comments; absolute paths);
+                         options given here override it
+                         default: none
+  -h, --help           print this help and exit
+  --version            print the version and exit
+
+Directories are created with mode 0700.
+)",
+        root_state_dir, root_runtime_dir, level_list());
+}
+
+} // namespace qm::daemon

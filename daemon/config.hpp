@@ -4,7 +4,7 @@
 // keys as the flags, then the command line (which wins).
 #pragma once
 
-#include <optional>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -30,26 +30,43 @@ struct CommandLine
     bool version = false;
 };
 
-// The defaults for the current user (geteuid() == 0: the system paths) and environment.
-// errc::invalid_argument when a user has neither XDG_RUNTIME_DIR nor HOME.
-expected<Config> default_config();
+// Reads an environment variable (::getenv, or a table in tests); nullptr when unset.
+using GetEnv = std::function<const char*(const char*)>;
 
-// Parses argv: --state-dir DIR, --runtime-dir DIR, --log-level LEVEL (trace, debug, info, warn,
-// error, critical, off), --config FILE, --help, --version; "--key=value" and "--key value" both.
-// A config file given with --config is read and applied under the flags. errc::invalid_argument
-// with a message for the user ("unknown option '--frob'", "--log-level: 'loud' is not one of ...",
-// "/etc/q.conf:3: unknown key 'x'").
+// The defaults for the current user (geteuid() == 0: the system paths) and environment.
+// errc::invalid_argument when a user has neither XDG_STATE_HOME nor HOME ("... use --state-dir"),
+// or no XDG_RUNTIME_DIR ("XDG_RUNTIME_DIR is not set; use --runtime-dir"). Relative XDG paths are
+// ignored, as the XDG base directory spec says.
+expected<Config> default_config();
+// The same for root (`as_root`) or a user with the environment `getenv` (tests).
+expected<Config> default_config(bool as_root, const GetEnv& getenv);
+
+// Parses the arguments (argv without the program name): --state-dir DIR, --runtime-dir DIR,
+// --log-level LEVEL (trace, debug, info, warn, error, critical, off), --config FILE, --help (-h),
+// --version; "--key=value" and "--key value" both; the last of a repeated flag wins. Relative
+// paths are made absolute against the current directory. The result is complete: the defaults,
+// under the config file given with --config, under the flags. With --help or --version nothing
+// else is read (no file, no defaults), so they work anywhere. errc::invalid_argument with a
+// message for the user ("unknown option '--frob'", "--log-level: 'loud' is not one of ...",
+// "/etc/q.conf:3: unknown key 'x'"); errc::system_error when the config file cannot be read.
 expected<CommandLine> parse_command_line(const std::vector<std::string>& args);
+// The same with the defaults of default_config(as_root, getenv) (tests).
+expected<CommandLine> parse_command_line(const std::vector<std::string>& args, bool as_root,
+                                         const GetEnv& getenv);
 
 // Applies a configuration file's text to `config`: lines "key = value" (keys as the long flags
-// without dashes: state-dir, runtime-dir, log-level), '#' comments, blank lines. Relative paths
-// are an error. `origin` names the file in messages.
-expected<void> apply_config_text(Config& config, const std::string& text, const std::string& origin);
+// without dashes: state-dir, runtime-dir, log-level), blank lines and comments ('#' at the start
+// of a line or after white space, to the end of the line). Relative paths are an error, as are
+// unknown keys and lines without '='; messages start "<origin>:<line>: ". `origin` names the file.
+expected<void> apply_config_text(Config& config, const std::string& text,
+                                 const std::string& origin);
 // Reads and applies `path` (errc::system_error when it cannot be read).
 expected<void> apply_config_file(Config& config, const std::string& path);
 
-// Creates `dir` and missing parents, each new one mode 0700; checks that an existing `dir` is a
-// directory owned by us and tightens it to 0700 (warning when it was looser). errc::system_error.
+// Creates `dir` and missing parents, each new one mode 0700; checks that `dir` is a directory
+// (symlinks to one are followed) owned by us and sets it to 0700 (spdlog::warn when it was
+// looser). errc::system_error naming the path ("'/x' exists and is not a directory", "'/x' is
+// owned by uid 1000, not by uid 0").
 expected<void> ensure_private_dir(const std::string& dir);
 
 // The --help text.

@@ -32,7 +32,8 @@ inline constexpr std::string_view machine_updated = "MACHINE_UPDATED"; // data: 
 inline constexpr std::string_view machine_removed = "MACHINE_REMOVED"; // data: {}
 // data: {"state", "previous", "reason"?: {...stop reason...}, "detail"?: "..."}
 inline constexpr std::string_view state_changed = "STATE_CHANGED";
-// data: {"count": N, "since_seq": S}: a flooding machine's QMP events that were not published
+// data: {"count": N, "since_seq": S}: N QMP events of a flooding machine were not published; the
+// first of them came after event S
 inline constexpr std::string_view events_dropped = "EVENTS_DROPPED";
 } // namespace event_names
 
@@ -60,6 +61,7 @@ public:
 
 private:
     std::shared_ptr<const json::Document> json_;
+    std::uint64_t seq_ = 0; // cached: the ring is indexed by it
 };
 
 // Which events a subscriber or a wait wants. Empty machine: any; empty names: any; null match:
@@ -73,12 +75,12 @@ struct EventSelector
     bool matches(const Event& e) const;
 };
 
-// What a subscription yields: an event, or the news that events from `first_missing` on were lost
-// to this subscriber (its queue overflowed, or it asked for a sequence number no longer in the
-// ring). After a lag the subscription goes on with the oldest event still available.
+// What a subscription yields: an event, or the news that matching events with
+// lagged_from <= seq < resume_seq were lost to this subscriber (its queue overflowed, or it asked
+// for a sequence number no longer in the ring). Nothing matching from resume_seq on is lost.
 struct StreamItem
 {
-    Event event;                  // valid() unless this is a lag notice
+    Event event;                   // valid() unless this is a lag notice
     std::uint64_t lagged_from = 0; // non-zero: a lag notice
     std::uint64_t resume_seq = 0;  // with a lag notice: the next seq this subscriber will see
 };
@@ -91,14 +93,24 @@ struct EventBusOptions
     std::size_t subscriber_queue = 1024;
     // Per machine: QMP events per second allowed on average, and the burst above it. Events beyond
     // are dropped and counted; the count is published as EVENTS_DROPPED once the machine is
-    // allowed again (or at the latest after one second, by the bus's single timer).
+    // allowed again (or at the latest after drop_report_interval, by the bus's single timer).
     double qmp_rate_per_s = 200;
     double qmp_burst = 400;
+    // The latest an EVENTS_DROPPED is published after a machine's first unreported drop (by the
+    // bus's single timer, armed only while some machine has unreported drops).
+    std::chrono::milliseconds drop_report_interval = std::chrono::seconds(1);
 };
 
 class EventBus;
 
 // A reader of the stream. Owned by its front end (shared_ptr); loop thread only.
+//
+// A subscription that resumes from a sequence number first reads the bus's ring through a cursor
+// (no copies, no queue), and switches to its own queue once it has caught up. The queue holds at
+// most EventBusOptions::subscriber_queue items, its last slot kept for a lag notice: when it is
+// full, newer events are dropped and one notice says from which number; the subscription goes on
+// as soon as the reader makes room. One reader at a time: a second concurrent next() fails with
+// errc::invalid_state.
 class Subscription : public std::enable_shared_from_this<Subscription>
 {
 public:
@@ -109,6 +121,8 @@ public:
     std::optional<StreamItem> try_next();
     void close();
     bool closed() const noexcept { return closed_; }
+    // Items in the subscription's own queue (events still to be read from the ring while it
+    // resumes are not counted: they take no memory of their own).
     std::size_t queued() const noexcept { return queue_.size(); }
 
 private:
@@ -116,17 +130,27 @@ private:
     struct Waiter;
     explicit Subscription(EventBus* bus, EventSelector selector);
     void deliver(const Event& e, std::size_t limit);
+    std::optional<StreamItem> replay_next();
     void wake();
 
     EventBus* bus_;
+    asio::any_io_executor ex_;
     EventSelector selector_;
     std::deque<StreamItem> queue_;
+    // The queue's last item is a lag notice still collecting dropped events.
     bool lagging_ = false;
     bool closed_ = false;
+    // Resuming: the next sequence number to read from the ring.
+    bool replaying_ = false;
+    std::uint64_t cursor_ = 0;
     std::shared_ptr<Waiter> waiter_;
 };
 
-// The stream. Owned by the supervisor; loop thread only.
+// The stream. Owned by the supervisor; loop thread only. Every event goes into the ring (they are
+// contiguous there: seq first_seq() .. last_seq()). QMP events pass each machine's token bucket
+// first; daemon events are never dropped. Errors: errc::timeout and errc::invalid_state from
+// wait() and Subscription::next(). Destroying the bus completes pending waits and next() calls
+// with errc::invalid_state.
 class EventBus
 {
 public:
@@ -155,17 +179,22 @@ public:
 
     // A new subscriber. Without `since` it sees events published from now on; with it, every
     // matching event with seq > since that the ring still holds first (and a lag notice first when
-    // the ring no longer holds seq since + 1).
+    // the ring no longer holds seq since + 1). A `since` beyond last_seq() comes from an earlier
+    // run of the daemon: every event of this run is newer, so it counts as 0.
     std::shared_ptr<Subscription> subscribe(EventSelector selector,
                                             std::optional<std::uint64_t> since = std::nullopt);
 
-    // Synchronous listeners, called during publish (they must not publish in turn).
+    // Synchronous listeners, called during publish in the order they were added, after the event
+    // reached the subscriptions and waits (they must not publish in turn: asserted).
     std::uint64_t listen(Listener listener);
     void unlisten(std::uint64_t id);
 
     // The first event matching `selector` with seq > since (from the ring, then as published);
-    // without `since`, from now on. errc::timeout after `timeout`; errc::invalid_state when the
-    // ring no longer holds since + 1 (the caller's window is lost: it must re-read state).
+    // without `since`, from now on. errc::timeout after `timeout` (a zero timeout only looks in
+    // the ring); errc::invalid_state when the ring no longer holds since + 1 (the caller's window
+    // is lost: it must re-read state) or when the bus is destroyed meanwhile. A `since` beyond
+    // last_seq() counts as 0, as for subscribe(). Any number of waits may be pending; each gets
+    // its own first match.
     awaitable<expected<Event>> wait(EventSelector selector, std::optional<std::uint64_t> since,
                                     std::chrono::milliseconds timeout);
 
@@ -175,11 +204,32 @@ public:
 
 private:
     friend class Subscription;
-    struct Limiter;
+    // A machine's token bucket for its QMP events, and its drops not yet published.
+    struct Limiter
+    {
+        double tokens = 0;
+        std::chrono::steady_clock::time_point refilled{};
+        std::uint64_t dropped = 0;
+        std::uint64_t since_seq = 0; // last_seq() when the first unreported drop happened
+    };
     struct Waiter;
-    std::uint64_t append(std::shared_ptr<const json::Document> doc);
+    struct DropReport
+    {
+        std::string machine;
+        std::uint64_t count = 0;
+        std::uint64_t since_seq = 0;
+    };
+
+    std::uint64_t emit(std::string_view machine, std::string_view name, const json::Value& data,
+                       std::int64_t seconds, std::int64_t microseconds, bool qmp);
+    std::uint64_t emit_drops(const DropReport& report);
+    void append(const Event& e);
+    DropReport take_drops(const std::string& machine, Limiter& limiter);
     void flush_drops();
     void arm_flush_timer();
+    void disarm_flush_timer();
+    std::size_t queue_limit() const noexcept;
+    const Event& at(std::uint64_t seq) const { return ring_[seq - first_seq()]; }
 
     asio::io_context& ioc_;
     EventBusOptions options_;
@@ -188,11 +238,14 @@ private:
     std::list<std::weak_ptr<Subscription>> subscribers_;
     std::vector<std::pair<std::uint64_t, Listener>> listeners_;
     std::uint64_t next_listener_ = 1;
+    bool publishing_ = false;
     std::list<std::shared_ptr<Waiter>> waiters_;
     std::map<std::string, Limiter, std::less<>> limiters_;
+    std::size_t machines_with_drops_ = 0;
     std::uint64_t dropped_total_ = 0;
-    std::unique_ptr<asio::steady_timer> flush_timer_;
+    asio::steady_timer flush_timer_;
     bool flush_armed_ = false;
+    std::uint64_t flush_generation_ = 0; // a handler of an older arming does nothing
     std::shared_ptr<int> life_ = std::make_shared<int>(0);
 };
 

@@ -37,6 +37,8 @@ struct ConsoleSpec
     std::uint64_t ring_size = std::uint64_t{64} * 1024;
     // Bound of the console log file (0: no log file).
     std::uint64_t log_size = std::uint64_t{1024} * 1024;
+
+    bool operator==(const ConsoleSpec&) const = default;
 };
 
 struct ShutdownSpec
@@ -44,6 +46,8 @@ struct ShutdownSpec
     ShutdownModeSpec mode = ShutdownModeSpec::powerdown;
     // The whole graceful part of a stop; after it, SIGKILL.
     std::uint32_t timeout_s = 30;
+
+    bool operator==(const ShutdownSpec&) const = default;
 };
 
 struct RestartSpec
@@ -55,27 +59,33 @@ struct RestartSpec
     // Backoff between attempts: initial, doubling up to max.
     std::uint32_t backoff_initial_ms = 1000;
     std::uint32_t backoff_max_ms = 60000;
+
+    bool operator==(const RestartSpec&) const = default;
 };
 
 // A machine spec with every default filled in (what parse_spec returns and spec_to_json writes).
 struct MachineSpec
 {
-    std::string uuid;                       // lower-case 8-4-4-4-12 hex; generated when absent
+    std::string uuid;                          // lower-case 8-4-4-4-12 hex; generated when absent
     std::string binary = "qemu-system-x86_64"; // path or PATH-searched name
-    std::optional<std::string> machine{};   // -machine value
+    std::optional<std::string> machine{};      // -machine value
     std::optional<std::uint32_t> memory_mib{}; // -m value
-    std::uint32_t cpus = 1;                 // -smp value
-    std::vector<std::string> args{};        // extra arguments, never through a shell
+    std::uint32_t cpus = 1;                    // -smp value
+    std::vector<std::string> args{};           // extra arguments, never through a shell
     ConsoleSpec console{};
     ShutdownSpec shutdown{};
     RestartSpec restart{};
     bool autostart = false;
+
+    // Field by field (parse_spec(spec_to_json(s)) == s).
+    bool operator==(const MachineSpec&) const = default;
 };
 
 // Validates `spec` (a JSON object) against proto/machine.schema.json (embedded at build time)
 // and returns it with defaults filled in; a missing uuid is generated (random v4).
-// errc::invalid_argument naming the field and the rule: "spec.cpus: must be an integer >= 1",
-// "spec.frobnicate: unknown field", "spec: must be an object".
+// errc::invalid_argument naming the field and the rule: "spec.cpus: must be an integer between 1
+// and 1024", "spec.console.frob: unknown field", "spec.args[3]: '-daemonize' is managed by
+// qmachined", "spec: must be an object".
 expected<MachineSpec> parse_spec(const json::Value& spec);
 // The same from JSON text (parse errors are errc::invalid_argument too).
 expected<MachineSpec> parse_spec(std::string_view json_text);
@@ -97,6 +107,8 @@ struct Definition
     std::string name;
     std::uint64_t generation = 1;
     MachineSpec spec;
+
+    bool operator==(const Definition&) const = default;
 };
 
 std::string definition_to_json(const Definition& def);

@@ -27,9 +27,10 @@ const char* to_string(WriteStep step) noexcept;
 
 // Writes `data` to `dir`/`file` atomically: a reader (or a crash at any point) sees the old
 // content or the new one, never a mix, never nothing. `after_step` (tests) runs after each step.
-// Blocking: call it off the loop thread (Store does). errc::system_error naming the step, the
-// path and errno's text ("cannot write '/var/lib/qmachined/a.json': No space left on device");
-// the temp file is removed on failure.
+// Blocking: call it off the loop thread (Store does). errc::system_error naming the path, the
+// step and errno's text ("cannot write '/var/lib/qmachined/a.json': write temp file: No space
+// left on device"); the temp file is removed on failure. errc::invalid_argument when `file` is
+// not a plain, non-hidden file name. The file is created 0600.
 expected<void> write_file_atomic(const std::string& dir, const std::string& file,
                                  std::string_view data,
                                  const std::function<void(WriteStep)>& after_step = {});
@@ -42,9 +43,10 @@ struct LoadedFile
 };
 struct LoadProblem
 {
-    std::string file;       // the file as found
-    std::string moved_to;   // where it was renamed aside (empty if it could not be)
-    std::string reason;
+    std::string file;     // the file's path as found ("<dir>/x.json"; the directory itself if it
+                          // could not be listed)
+    std::string moved_to; // the path it was renamed aside to (empty if it could not be)
+    std::string reason;   // "is a symbolic link", validate's reason, ...
 };
 
 // The state directory's definition files. Owned by the supervisor; loop thread only (the writes
@@ -60,14 +62,19 @@ public:
 
     const std::string& dir() const noexcept { return dir_; }
 
-    // Reads every "*.json" file (blocking; at start-up only, before the loop serves anyone).
-    // `validate` says whether a file's content is acceptable (empty string) or why not; a file it
-    // rejects, or that cannot be read, is renamed aside to "<file>.corrupt-<unix time>" and
-    // reported in `problems`. Temp files left by a crash (".*.tmp") are removed.
+    // Reads every "*.json" file (blocking; at start-up only, before the loop serves anyone),
+    // sorted by name. `validate` says whether a file's content is acceptable (empty string) or why
+    // not; a file it rejects, or that cannot be read (a symlink, a directory, ...), is renamed
+    // aside to "<file>.corrupt-<unix time>" ("-1", "-2", ... appended when taken; nothing is ever
+    // replaced) and reported in `problems`. Temp files left by a crash (".*.tmp") are removed;
+    // other files are left alone.
     std::vector<LoadedFile> load_all(const std::function<std::string(const LoadedFile&)>& validate,
                                      std::vector<LoadProblem>& problems);
 
-    // Atomically writes "<name>.json" on the worker thread; completes on the loop thread.
+    // Atomically writes "<name>.json" on the worker thread; completes on the loop thread (the
+    // awaiting coroutine's executor). Saves and removes run in call order. The Store may be
+    // destroyed while one is in flight: its destructor finishes the queued writes, and the
+    // completion does not touch it. Errors: those of write_file_atomic.
     awaitable<expected<void>> save(std::string name, std::string content);
     // Removes "<name>.json" (and syncs the directory) on the worker thread. Removing a file that
     // does not exist succeeds.
@@ -77,7 +84,7 @@ public:
     void set_write_hook(std::function<void(WriteStep)> hook);
 
 private:
-    struct Worker;
+    struct Worker; // the thread and its FIFO queue (store.cpp)
     asio::io_context& ioc_;
     std::string dir_;
     std::unique_ptr<Worker> worker_;

@@ -1,2 +1,557 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
-// Placeholder (being written).
+// qmachined's configuration: defaults for root and users, every flag in both spellings, the
+// config file and its precedence, the --help text, and ensure_private_dir.
+#include "daemon/config.hpp"
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+#include <spdlog/sinks/ringbuffer_sink.h>
+#include <spdlog/spdlog.h>
+
+namespace qm::daemon {
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string describe(const Error& e)
+{
+    return std::string(to_string(static_cast<errc>(e.code.value()))) + ": " + e.message;
+}
+
+// An environment made of `vars` only.
+GetEnv env(std::map<std::string, std::string> vars)
+{
+    auto table = std::make_shared<const std::map<std::string, std::string>>(std::move(vars));
+    return [table](const char* name) -> const char* {
+        auto it = table->find(name);
+        return it == table->end() ? nullptr : it->second.c_str();
+    };
+}
+
+const GetEnv user_env = env({{"HOME", "/home/u"}, {"XDG_RUNTIME_DIR", "/run/user/1000"}});
+
+expected<CommandLine> parse(const std::vector<std::string>& args, const GetEnv& getenv = user_env)
+{
+    return parse_command_line(args, false, getenv);
+}
+
+// The message of a failure that must happen.
+std::string error_of(const expected<CommandLine>& r)
+{
+    EXPECT_FALSE(r);
+    return r ? std::string("(no error)") : r.error().message;
+}
+
+unsigned mode_of(const fs::path& path)
+{
+    struct stat st
+    {
+    };
+    EXPECT_EQ(::stat(path.c_str(), &st), 0) << path;
+    return st.st_mode & 07777;
+}
+
+std::string cwd_join(const std::string& rel)
+{
+    return (fs::current_path() / rel).lexically_normal().string();
+}
+
+TEST(DefaultConfigTest, Root)
+{
+    auto c = default_config(true, env({{"HOME", "/root"}, {"XDG_STATE_HOME", "/elsewhere"}}));
+    ASSERT_TRUE(c) << describe(c.error());
+    EXPECT_EQ(c->state_dir, "/var/lib/qmachined");
+    EXPECT_EQ(c->runtime_dir, "/run/qmachined");
+    EXPECT_EQ(c->log_level, spdlog::level::info);
+    EXPECT_EQ(c->config_file, "");
+}
+
+TEST(DefaultConfigTest, UserWithXdgStateHome)
+{
+    auto c = default_config(false, env({{"HOME", "/home/u"},
+                                        {"XDG_STATE_HOME", "/home/u/state/"},
+                                        {"XDG_RUNTIME_DIR", "/run/user/1000"}}));
+    ASSERT_TRUE(c) << describe(c.error());
+    EXPECT_EQ(c->state_dir, "/home/u/state/qmachined");
+    EXPECT_EQ(c->runtime_dir, "/run/user/1000/qmachined");
+}
+
+TEST(DefaultConfigTest, UserWithoutXdgStateHome)
+{
+    auto c = default_config(false, user_env);
+    ASSERT_TRUE(c) << describe(c.error());
+    EXPECT_EQ(c->state_dir, "/home/u/.local/state/qmachined");
+    EXPECT_EQ(c->runtime_dir, "/run/user/1000/qmachined");
+}
+
+TEST(DefaultConfigTest, RelativeXdgPathsAreIgnored)
+{
+    // The XDG base directory spec: a relative path in these variables is invalid and ignored.
+    auto c = default_config(false, env({{"HOME", "/home/u"},
+                                        {"XDG_STATE_HOME", "state"},
+                                        {"XDG_RUNTIME_DIR", "/run/user/1000"}}));
+    ASSERT_TRUE(c) << describe(c.error());
+    EXPECT_EQ(c->state_dir, "/home/u/.local/state/qmachined");
+    auto r = default_config(false, env({{"HOME", "/home/u"}, {"XDG_RUNTIME_DIR", "run"}}));
+    EXPECT_FALSE(r);
+}
+
+TEST(DefaultConfigTest, UserWithoutRuntimeDirFails)
+{
+    auto c = default_config(false, env({{"HOME", "/home/u"}}));
+    ASSERT_FALSE(c);
+    EXPECT_TRUE(c.error().is(errc::invalid_argument)) << describe(c.error());
+    EXPECT_EQ(c.error().message, "XDG_RUNTIME_DIR is not set; use --runtime-dir");
+}
+
+TEST(DefaultConfigTest, UserWithoutHomeFails)
+{
+    auto c = default_config(false, env({{"XDG_RUNTIME_DIR", "/run/user/1000"}}));
+    ASSERT_FALSE(c);
+    EXPECT_TRUE(c.error().is(errc::invalid_argument)) << describe(c.error());
+    EXPECT_NE(c.error().message.find("--state-dir"), std::string::npos) << c.error().message;
+}
+
+TEST(DefaultConfigTest, PlainOverloadUsesTheProcess)
+{
+    auto plain = default_config();
+    auto by_hand = default_config(::geteuid() == 0, [](const char* n) { return std::getenv(n); });
+    ASSERT_EQ(plain.has_value(), by_hand.has_value());
+    if (plain) {
+        EXPECT_EQ(plain->state_dir, by_hand->state_dir);
+        EXPECT_EQ(plain->runtime_dir, by_hand->runtime_dir);
+    } else {
+        EXPECT_EQ(plain.error().message, by_hand.error().message);
+    }
+}
+
+TEST(CommandLineTest, NoArgumentsGiveTheDefaults)
+{
+    auto r = parse({});
+    ASSERT_TRUE(r) << describe(r.error());
+    EXPECT_FALSE(r->help);
+    EXPECT_FALSE(r->version);
+    EXPECT_EQ(r->config.state_dir, "/home/u/.local/state/qmachined");
+    EXPECT_EQ(r->config.runtime_dir, "/run/user/1000/qmachined");
+    EXPECT_EQ(r->config.log_level, spdlog::level::info);
+    EXPECT_EQ(r->config.config_file, "");
+
+    auto root = parse_command_line({}, true, env({}));
+    ASSERT_TRUE(root) << describe(root.error());
+    EXPECT_EQ(root->config.state_dir, "/var/lib/qmachined");
+    EXPECT_EQ(root->config.runtime_dir, "/run/qmachined");
+}
+
+TEST(CommandLineTest, DirectoryFlagsInBothSpellings)
+{
+    for (const auto& args : std::vector<std::vector<std::string>>{
+             {"--state-dir", "/s", "--runtime-dir", "/r/"},
+             {"--state-dir=/s", "--runtime-dir=/r/"},
+             {"--state-dir=/s", "--runtime-dir", "/r"},
+             {"--state-dir", "/x", "--state-dir=/s", "--runtime-dir", "/r"}, // the last wins
+         }) {
+        auto r = parse(args);
+        ASSERT_TRUE(r) << describe(r.error()) << " " << testing::PrintToString(args);
+        EXPECT_EQ(r->config.state_dir, "/s") << testing::PrintToString(args);
+        EXPECT_EQ(r->config.runtime_dir, "/r") << testing::PrintToString(args);
+    }
+}
+
+TEST(CommandLineTest, RelativeDirectoriesAreMadeAbsolute)
+{
+    auto r = parse({"--state-dir", "rel/s", "--runtime-dir=./r"});
+    ASSERT_TRUE(r) << describe(r.error());
+    EXPECT_EQ(r->config.state_dir, cwd_join("rel/s"));
+    EXPECT_EQ(r->config.runtime_dir, cwd_join("r"));
+}
+
+TEST(CommandLineTest, LogLevelInBothSpellings)
+{
+    const std::vector<std::pair<std::string, spdlog::level::level_enum>> levels = {
+        {"trace", spdlog::level::trace}, {"debug", spdlog::level::debug},
+        {"info", spdlog::level::info},   {"warn", spdlog::level::warn},
+        {"error", spdlog::level::err},   {"critical", spdlog::level::critical},
+        {"off", spdlog::level::off},
+    };
+    for (const auto& [name, level] : levels) {
+        auto spaced = parse({"--log-level", name});
+        ASSERT_TRUE(spaced) << name << ": " << describe(spaced.error());
+        EXPECT_EQ(spaced->config.log_level, level) << name;
+        auto joined = parse({"--log-level=" + name});
+        ASSERT_TRUE(joined) << name << ": " << describe(joined.error());
+        EXPECT_EQ(joined->config.log_level, level) << name;
+    }
+}
+
+TEST(CommandLineTest, HelpAndVersion)
+{
+    // They need nothing else: no HOME, no XDG_RUNTIME_DIR, no config file.
+    for (const char* help : {"--help", "-h"}) {
+        auto r = parse({help, "--config", "/does/not/exist"}, env({}));
+        ASSERT_TRUE(r) << describe(r.error());
+        EXPECT_TRUE(r->help);
+        EXPECT_FALSE(r->version);
+    }
+    auto v = parse({"--version"}, env({}));
+    ASSERT_TRUE(v) << describe(v.error());
+    EXPECT_TRUE(v->version);
+    EXPECT_FALSE(v->help);
+
+    EXPECT_EQ(error_of(parse({"--help=yes"})), "option '--help' takes no value");
+    EXPECT_EQ(error_of(parse({"--version=2"})), "option '--version' takes no value");
+}
+
+TEST(CommandLineTest, UnknownOptionsAndArguments)
+{
+    EXPECT_EQ(error_of(parse({"--frob"})), "unknown option '--frob'");
+    EXPECT_EQ(error_of(parse({"--frob=1"})), "unknown option '--frob'");
+    EXPECT_EQ(error_of(parse({"-x"})), "unknown option '-x'");
+    EXPECT_EQ(error_of(parse({"--state-dir", "/s", "extra"})), "unexpected argument 'extra'");
+    EXPECT_EQ(error_of(parse({"--"})), "unexpected argument '--'");
+    auto r = parse({"--frob"});
+    ASSERT_FALSE(r);
+    EXPECT_TRUE(r.error().is(errc::invalid_argument));
+}
+
+TEST(CommandLineTest, MissingValues)
+{
+    for (const char* flag : {"--state-dir", "--runtime-dir", "--log-level", "--config"}) {
+        const std::string want = std::string("option '") + flag + "' needs a value";
+        EXPECT_EQ(error_of(parse({flag})), want);
+        EXPECT_EQ(error_of(parse({std::string(flag) + "="})), want);
+        // A flag where the value should be is a forgotten value, not the value.
+        EXPECT_EQ(error_of(parse({flag, "--help"})), want);
+    }
+}
+
+TEST(CommandLineTest, BadLogLevel)
+{
+    EXPECT_EQ(error_of(parse({"--log-level", "loud"})),
+              "--log-level: 'loud' is not one of trace, debug, info, warn, error, critical, off");
+    EXPECT_NE(error_of(parse({"--log-level=INFO"})).find("'INFO'"), std::string::npos);
+}
+
+TEST(CommandLineTest, AFlagReplacesAMissingDefault)
+{
+    // A user without XDG_RUNTIME_DIR can still run the daemon by naming the directory.
+    const auto no_runtime = env({{"HOME", "/home/u"}});
+    EXPECT_EQ(error_of(parse({}, no_runtime)), "XDG_RUNTIME_DIR is not set; use --runtime-dir");
+    auto r = parse({"--runtime-dir", "/tmp/q"}, no_runtime);
+    ASSERT_TRUE(r) << describe(r.error());
+    EXPECT_EQ(r->config.runtime_dir, "/tmp/q");
+    EXPECT_EQ(r->config.state_dir, "/home/u/.local/state/qmachined");
+
+    auto none = parse({"--runtime-dir", "/tmp/q"}, env({}));
+    ASSERT_FALSE(none);
+    EXPECT_NE(none.error().message.find("--state-dir"), std::string::npos);
+}
+
+TEST(ConfigTextTest, KeysCommentsAndBlankLines)
+{
+    Config c;
+    c.state_dir = "/default/state";
+    const std::string text = "# qmachined.conf\n"
+                             "\n"
+                             "   \t\n"
+                             "state-dir = /srv/q/state/   # where definitions live\n"
+                             "runtime-dir=/run/q\r\n"
+                             "  log-level   =   debug  \n"
+                             "#log-level = off\n"
+                             "  # indented comment";
+    auto r = apply_config_text(c, text, "q.conf");
+    ASSERT_TRUE(r) << describe(r.error());
+    EXPECT_EQ(c.state_dir, "/srv/q/state");
+    EXPECT_EQ(c.runtime_dir, "/run/q");
+    EXPECT_EQ(c.log_level, spdlog::level::debug);
+}
+
+TEST(ConfigTextTest, HashInsideAValueIsPartOfIt)
+{
+    Config c;
+    ASSERT_TRUE(apply_config_text(c, "state-dir = /srv/a#b\n", "q.conf"));
+    EXPECT_EQ(c.state_dir, "/srv/a#b");
+}
+
+TEST(ConfigTextTest, EmptyTextChangesNothing)
+{
+    Config c;
+    c.state_dir = "/s";
+    ASSERT_TRUE(apply_config_text(c, "", "q.conf"));
+    EXPECT_EQ(c.state_dir, "/s");
+}
+
+TEST(ConfigTextTest, ErrorsNameTheLine)
+{
+    const std::vector<std::pair<std::string, std::string>> cases = {
+        {"# c\n\nfrob = 1\n", "/etc/q.conf:3: unknown key 'frob'"},
+        {"config = /etc/other.conf\n", "/etc/q.conf:1: unknown key 'config'"},
+        {"state-dir = /ok\nruntime-dir = run/q\n",
+         "/etc/q.conf:2: runtime-dir: 'run/q' is not an absolute path"},
+        {"state-dir = relative\n", "/etc/q.conf:1: state-dir: 'relative' is not an absolute path"},
+        {"log-level = loud\n", "/etc/q.conf:1: log-level: 'loud' is not one of trace, debug, info, "
+                               "warn, error, critical, off"},
+        {"\nstate-dir /s\n", "/etc/q.conf:2: expected 'key = value', got 'state-dir /s'"},
+        {"= /s\n", "/etc/q.conf:1: expected 'key = value', got '= /s'"},
+        {"state-dir =   # nothing\n", "/etc/q.conf:1: state-dir: needs a value"},
+        {"--state-dir = /s\n", "/etc/q.conf:1: unknown key '--state-dir'"},
+    };
+    for (const auto& [text, message] : cases) {
+        Config c;
+        c.state_dir = "/before";
+        auto r = apply_config_text(c, text, "/etc/q.conf");
+        ASSERT_FALSE(r) << text;
+        EXPECT_TRUE(r.error().is(errc::invalid_argument)) << describe(r.error());
+        EXPECT_EQ(r.error().message, message);
+        EXPECT_EQ(c.state_dir, "/before") << "a failed file changes nothing: " << text;
+    }
+}
+
+class ConfigFileTest : public testing::Test
+{
+protected:
+    void SetUp() override
+    {
+        std::string templ = (fs::temp_directory_path() / "config.XXXXXX").string();
+        ASSERT_NE(::mkdtemp(templ.data()), nullptr);
+        dir_ = templ;
+    }
+    void TearDown() override
+    {
+        std::error_code ec;
+        // ensure_private_dir tests may leave 0700/0000 trees: make them removable first.
+        for (auto it = fs::recursive_directory_iterator(dir_, ec); !ec && it != fs::end(it);
+             it.increment(ec)) {
+            if (it->is_directory() && !it->is_symlink()) {
+                fs::permissions(it->path(), fs::perms::owner_all, fs::perm_options::add, ec);
+            }
+        }
+        fs::remove_all(dir_, ec);
+    }
+
+    std::string write(const std::string& name, const std::string& text)
+    {
+        const auto path = dir_ / name;
+        std::ofstream(path) << text;
+        return path.string();
+    }
+
+    fs::path dir_;
+};
+
+TEST_F(ConfigFileTest, FileUnderFlagsOverDefaults)
+{
+    const auto file = write("q.conf", "state-dir = /file/state\n"
+                                      "runtime-dir = /file/run\n"
+                                      "log-level = warn\n");
+    auto from_file = parse({"--config", file});
+    ASSERT_TRUE(from_file) << describe(from_file.error());
+    EXPECT_EQ(from_file->config.state_dir, "/file/state");
+    EXPECT_EQ(from_file->config.runtime_dir, "/file/run");
+    EXPECT_EQ(from_file->config.log_level, spdlog::level::warn);
+    EXPECT_EQ(from_file->config.config_file, file);
+
+    // Flags win, wherever they stand relative to --config.
+    auto flags = parse({"--log-level=debug", "--config=" + file, "--state-dir", "/flag/state"});
+    ASSERT_TRUE(flags) << describe(flags.error());
+    EXPECT_EQ(flags->config.state_dir, "/flag/state");
+    EXPECT_EQ(flags->config.runtime_dir, "/file/run");
+    EXPECT_EQ(flags->config.log_level, spdlog::level::debug);
+
+    // What the file leaves out comes from the defaults.
+    const auto partial = write("partial.conf", "log-level = error\n");
+    auto p = parse({"--config", partial});
+    ASSERT_TRUE(p) << describe(p.error());
+    EXPECT_EQ(p->config.state_dir, "/home/u/.local/state/qmachined");
+    EXPECT_EQ(p->config.log_level, spdlog::level::err);
+}
+
+TEST_F(ConfigFileTest, FileReplacesAMissingDefault)
+{
+    const auto file = write("q.conf", "runtime-dir = /file/run\n");
+    auto r = parse({"--config", file}, env({{"HOME", "/home/u"}}));
+    ASSERT_TRUE(r) << describe(r.error());
+    EXPECT_EQ(r->config.runtime_dir, "/file/run");
+}
+
+TEST_F(ConfigFileTest, ErrorsInTheFileNameItAndTheLine)
+{
+    const auto file = write("q.conf", "log-level = info\nwhat = ever\n");
+    EXPECT_EQ(error_of(parse({"--config", file})), file + ":2: unknown key 'what'");
+}
+
+TEST_F(ConfigFileTest, UnreadableFile)
+{
+    const auto missing = (dir_ / "missing.conf").string();
+    auto r = parse({"--config", missing});
+    ASSERT_FALSE(r);
+    EXPECT_TRUE(r.error().is(errc::system_error)) << describe(r.error());
+    EXPECT_EQ(r.error().message,
+              "cannot read config file '" + missing + "': No such file or directory");
+
+    Config c;
+    auto d = apply_config_file(c, dir_.string());
+    ASSERT_FALSE(d);
+    EXPECT_TRUE(d.error().is(errc::system_error)) << describe(d.error());
+    EXPECT_NE(d.error().message.find("Is a directory"), std::string::npos) << d.error().message;
+}
+
+TEST_F(ConfigFileTest, RelativeConfigFlagIsMadeAbsolute)
+{
+    auto r = parse({"--config", "no-such.conf"});
+    ASSERT_FALSE(r);
+    EXPECT_NE(r.error().message.find("'" + cwd_join("no-such.conf") + "'"), std::string::npos)
+        << r.error().message;
+}
+
+TEST_F(ConfigFileTest, EnsurePrivateDirCreatesNestedDirectories0700)
+{
+    const auto target = dir_ / "a" / "b" / "c";
+    auto r = ensure_private_dir(target.string());
+    ASSERT_TRUE(r) << describe(r.error());
+    for (const auto& p : {dir_ / "a", dir_ / "a" / "b", target}) {
+        EXPECT_TRUE(fs::is_directory(p)) << p;
+        EXPECT_EQ(mode_of(p), 0700u) << p;
+    }
+    // Again: nothing to do, still fine.
+    EXPECT_TRUE(ensure_private_dir(target.string() + "/"));
+    EXPECT_EQ(mode_of(target), 0700u);
+}
+
+TEST_F(ConfigFileTest, EnsurePrivateDirIgnoresTheUmask)
+{
+    const mode_t old = ::umask(0777);
+    auto r = ensure_private_dir((dir_ / "x" / "y").string());
+    ::umask(old);
+    ASSERT_TRUE(r) << describe(r.error());
+    EXPECT_EQ(mode_of(dir_ / "x"), 0700u);
+    EXPECT_EQ(mode_of(dir_ / "x" / "y"), 0700u);
+}
+
+TEST_F(ConfigFileTest, EnsurePrivateDirTightensLoosePermissions)
+{
+    // Capture spdlog's output to see the warning.
+    auto sink = std::make_shared<spdlog::sinks::ringbuffer_sink_mt>(16);
+    sink->set_pattern("%l %v");
+    auto previous = spdlog::default_logger();
+    spdlog::set_default_logger(std::make_shared<spdlog::logger>("config_test", sink));
+
+    const auto loose = dir_ / "loose";
+    fs::create_directory(loose);
+    ::chmod(loose.c_str(), 0755);
+    auto r = ensure_private_dir(loose.string());
+    const auto first = sink->last_formatted();
+
+    const auto strict = dir_ / "strict";
+    fs::create_directory(strict);
+    ::chmod(strict.c_str(), 0500); // too strict to work in: fixed, but no warning
+    auto s = ensure_private_dir(strict.string());
+    const auto second = sink->last_formatted();
+    spdlog::set_default_logger(previous);
+
+    ASSERT_TRUE(r) << describe(r.error());
+    EXPECT_EQ(mode_of(loose), 0700u);
+    ASSERT_EQ(first.size(), 1u);
+    EXPECT_EQ(first[0].substr(0, first[0].find_last_not_of("\r\n") + 1),
+              "warning Tightened the permissions of '" + loose.string() + "' from 0755 to 0700");
+
+    ASSERT_TRUE(s) << describe(s.error());
+    EXPECT_EQ(mode_of(strict), 0700u);
+    EXPECT_EQ(second.size(), 1u); // still only the first warning
+}
+
+TEST_F(ConfigFileTest, EnsurePrivateDirRefusesAFile)
+{
+    const auto file = write("plain", "x");
+    auto r = ensure_private_dir(file);
+    ASSERT_FALSE(r);
+    EXPECT_TRUE(r.error().is(errc::system_error)) << describe(r.error());
+    EXPECT_EQ(r.error().message, "'" + file + "' exists and is not a directory");
+
+    // A file where a parent should be.
+    auto below = ensure_private_dir(file + "/sub/dir");
+    ASSERT_FALSE(below);
+    EXPECT_NE(below.error().message.find(file + "/sub"), std::string::npos)
+        << below.error().message;
+    EXPECT_NE(below.error().message.find("Not a directory"), std::string::npos)
+        << below.error().message;
+}
+
+TEST_F(ConfigFileTest, EnsurePrivateDirRefusesAnotherUsersDirectory)
+{
+    std::string other_dir;
+    uid_t other = 0;
+    if (::geteuid() == 0) {
+        other_dir = (dir_ / "theirs").string();
+        fs::create_directory(other_dir);
+        other = 65534; // nobody
+        ASSERT_EQ(::chown(other_dir.c_str(), other, other), 0);
+        ::chmod(other_dir.c_str(), 0755);
+    } else {
+        other_dir = "/"; // root's: refused before anything is changed
+    }
+    auto r = ensure_private_dir(other_dir);
+    ASSERT_FALSE(r);
+    EXPECT_TRUE(r.error().is(errc::system_error)) << describe(r.error());
+    EXPECT_EQ(r.error().message, "'" + other_dir + "' is owned by uid " + std::to_string(other) +
+                                     ", not by uid " + std::to_string(::geteuid()));
+    if (::geteuid() == 0) {
+        EXPECT_EQ(mode_of(other_dir), 0755u); // left alone
+    }
+}
+
+TEST_F(ConfigFileTest, EnsurePrivateDirFollowsASymlinkToADirectory)
+{
+    fs::create_directory(dir_ / "real");
+    ::chmod((dir_ / "real").c_str(), 0700);
+    fs::create_directory_symlink(dir_ / "real", dir_ / "link");
+    auto r = ensure_private_dir((dir_ / "link").string());
+    EXPECT_TRUE(r) << describe(r.error());
+}
+
+TEST(UsageTest, MentionsEveryFlagAndTheDefaults)
+{
+    const std::string text = usage();
+    for (const char* word : {"--state-dir",
+                             "--runtime-dir",
+                             "--log-level",
+                             "--config",
+                             "--help",
+                             "-h",
+                             "--version",
+                             "/var/lib/qmachined",
+                             "/run/qmachined",
+                             "$XDG_STATE_HOME/qmachined",
+                             "$HOME/.local/state/qmachined",
+                             "$XDG_RUNTIME_DIR/qmachined",
+                             "trace",
+                             "debug",
+                             "info",
+                             "warn",
+                             "error",
+                             "critical",
+                             "off",
+                             "0700"}) {
+        EXPECT_NE(text.find(word), std::string::npos) << word;
+    }
+    // Every line fits a terminal.
+    std::size_t start = 0;
+    while (start < text.size()) {
+        const auto end = text.find('\n', start);
+        const auto line = text.substr(start, end - start);
+        EXPECT_LE(line.size(), 100u) << line;
+        start = end == std::string::npos ? text.size() : end + 1;
+    }
+}
+
+} // namespace
+} // namespace qm::daemon

@@ -69,6 +69,17 @@ TEST(Json, FullPrecisionIntegers)
     EXPECT_FALSE(get_int(*doc, "u").has_value()) << "does not fit an int64";
 }
 
+TEST(Json, ExponentsOfZeroAreZero)
+{
+    // RapidJSON 1.1 with kParseFullPrecisionFlag read these as 1.3e33 and 3.2e32.
+    for (const char* text : {"0e52", "0.0e52", "-0e300"}) {
+        auto d = parse(text);
+        ASSERT_TRUE(d) << text;
+        ASSERT_TRUE(d->IsNumber()) << text;
+        EXPECT_EQ(d->GetDouble(), 0.0) << text;
+    }
+}
+
 TEST(Json, TypedLookups)
 {
     auto doc = parse(R"({"s": "text", "n": 42, "f": 1.5, "o": {}})");
