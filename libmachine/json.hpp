@@ -22,6 +22,8 @@ class SmallPoolAllocator : public rapidjson::MemoryPoolAllocator<>
 public:
     static constexpr std::size_t chunk_size = 1024;
     SmallPoolAllocator() : rapidjson::MemoryPoolAllocator<>(chunk_size) {}
+    // For documents whose size is known up front (one chunk that fits them exactly).
+    explicit SmallPoolAllocator(std::size_t chunk) : rapidjson::MemoryPoolAllocator<>(chunk) {}
 };
 
 using Document = rapidjson::GenericDocument<rapidjson::UTF8<>, SmallPoolAllocator>;

@@ -370,8 +370,26 @@ std::uint64_t EventBus::emit(std::string_view machine, std::string_view name,
     ts.AddMember("microseconds", json::Value(static_cast<std::int64_t>(microseconds)), a);
     doc->AddMember("timestamp", ts, a);
     doc->AddMember("qmp", json::Value(qmp), a);
-    append(Event(std::move(doc)));
+    append(Event(compact(*doc)));
     return seq;
+}
+
+// The ring keeps thousands of events: each is re-parsed into one allocation that fits it. Built
+// with AddMember, an event takes ~2.3 KiB (1 KiB pool chunks, 16 members reserved per object);
+// parsed, objects get exactly their members and the pool one chunk of about the text's size.
+std::shared_ptr<const json::Document> EventBus::compact(const json::Document& doc)
+{
+    struct Holder
+    {
+        explicit Holder(std::size_t chunk) : allocator(chunk), doc(&allocator) {}
+        json::SmallPoolAllocator allocator;
+        json::Document doc;
+    };
+    const std::string text = json::to_string(doc);
+    auto holder = std::make_shared<Holder>(text.size() * 2 + 128);
+    holder->doc.Parse<rapidjson::kParseIterativeFlag>(text.data(), text.size());
+    assert(!holder->doc.HasParseError());
+    return std::shared_ptr<const json::Document>(holder, &holder->doc);
 }
 
 void EventBus::append(const Event& e)

@@ -226,6 +226,7 @@ private:
     void append(const Event& e);
     DropReport take_drops(const std::string& machine, Limiter& limiter);
     void flush_drops();
+    static std::shared_ptr<const json::Document> compact(const json::Document& doc);
     void arm_flush_timer();
     void disarm_flush_timer();
     std::size_t queue_limit() const noexcept;
