@@ -491,6 +491,10 @@ int probe(std::string_view kind, int n, const fs::path& base, int idle_s, const 
         side.create_all(n);
         put("created", footprint());
         side.start_all(n);
+        // Handlers already queued run first, as in the daemon's loop (the supervisor gives memory
+        // back after a burst in one of them).
+        env.ioc.restart();
+        env.ioc.poll();
         put("ready", footprint());
         out["events"] = static_cast<double>(side.last_seq() - seq0);
         if (idle_s > 0) {

@@ -218,6 +218,8 @@ private:
     Store store_;
     std::map<std::string, std::shared_ptr<Entry>, std::less<>> machines_;
     bool shutting_down_ = false;
+    std::size_t jobs_running_ = 0; // machines with an operation in progress
+    std::size_t jobs_peak_ = 0;    // the most at once since the last malloc_trim
     std::shared_ptr<int> life_ = std::make_shared<int>(0);
 };
 

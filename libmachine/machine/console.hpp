@@ -6,7 +6,6 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
-#include <deque>
 #include <list>
 #include <memory>
 #include <optional>
@@ -172,7 +171,7 @@ private:
     unsigned log_rotations_ = 0;
 
     std::list<std::shared_ptr<Waiter>> waiters_;
-    std::deque<std::shared_ptr<WriteRequest>> writes_;
+    std::list<std::shared_ptr<WriteRequest>> writes_; // not a deque: nothing allocated while empty
 };
 
 } // namespace qm

@@ -5,7 +5,6 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
-#include <deque>
 #include <functional>
 #include <list>
 #include <memory>
@@ -164,12 +163,14 @@ private:
     std::unordered_map<std::uint64_t, std::shared_ptr<Pending>> pending_;
     std::uint64_t dropped_replies_ = 0;
 
-    std::deque<Outgoing> outbox_;
+    // Lists, not deques: libstdc++'s deque allocates 512 bytes while empty, and a supervisor keeps
+    // hundreds of idle clients whose queues are empty nearly always.
+    std::list<Outgoing> outbox_;
     asio::steady_timer writer_wake_;
 
     std::vector<std::pair<std::uint64_t, EventHandler>> subscribers_;
     std::uint64_t next_subscriber_ = 1;
-    std::deque<Event> events_;
+    std::list<Event> events_;
     std::uint64_t dropped_events_ = 0;
     std::list<std::shared_ptr<Waiter>> waiters_;
 
