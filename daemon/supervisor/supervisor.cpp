@@ -352,6 +352,18 @@ expected<void> Supervisor::check_open() const
     return {};
 }
 
+expected<std::shared_ptr<Supervisor::Entry>> Supervisor::open_entry(std::string_view name) const
+{
+    if (auto open = check_open(); !open) {
+        return fail(open.error());
+    }
+    auto found = lookup(name);
+    if (!found) {
+        return fail(found.error());
+    }
+    return machines_.find(name)->second;
+}
+
 MachineInfo Supervisor::info(const Entry& e) const
 {
     MachineInfo m;
@@ -678,14 +690,11 @@ awaitable<expected<OpResult>> Supervisor::create(std::string name, json::Documen
 awaitable<expected<OpResult>> Supervisor::update(std::string name, json::Document spec_json,
                                                  std::uint64_t generation)
 {
-    if (auto open = check_open(); !open) {
-        co_return fail(open.error());
+    auto opened = open_entry(name);
+    if (!opened) {
+        co_return fail(opened.error());
     }
-    auto found = lookup(name);
-    if (!found) {
-        co_return fail(found.error());
-    }
-    auto e = machines_.find(name)->second;
+    auto e = std::move(*opened);
     if (e->job != Job::none) {
         co_return fail(job_conflict(*e, "update").error());
     }
@@ -740,14 +749,11 @@ awaitable<expected<OpResult>> Supervisor::update(std::string name, json::Documen
 
 awaitable<expected<std::uint64_t>> Supervisor::remove(std::string name, bool force)
 {
-    if (auto open = check_open(); !open) {
-        co_return fail(open.error());
+    auto opened = open_entry(name);
+    if (!opened) {
+        co_return fail(opened.error());
     }
-    auto found = lookup(name);
-    if (!found) {
-        co_return fail(found.error());
-    }
-    auto e = machines_.find(name)->second;
+    auto e = std::move(*opened);
     if (e->job == Job::remove) {
         co_return fail(job_conflict(*e, "delete").error());
     }
@@ -795,14 +801,11 @@ awaitable<expected<std::uint64_t>> Supervisor::remove(std::string name, bool for
 
 awaitable<expected<OpResult>> Supervisor::start(std::string name)
 {
-    if (auto open = check_open(); !open) {
-        co_return fail(open.error());
+    auto opened = open_entry(name);
+    if (!opened) {
+        co_return fail(opened.error());
     }
-    auto found = lookup(name);
-    if (!found) {
-        co_return fail(found.error());
-    }
-    auto e = machines_.find(name)->second;
+    auto e = std::move(*opened);
     if (e->job == Job::start || e->job == Job::restart) {
         // Joins the start in progress: its outcome is this call's outcome.
         co_await wait_job(e);
@@ -945,14 +948,11 @@ awaitable<expected<void>> Supervisor::do_start(std::shared_ptr<Entry> e)
 
 awaitable<expected<OpResult>> Supervisor::stop(std::string name, StopOptions options)
 {
-    if (auto open = check_open(); !open) {
-        co_return fail(open.error());
+    auto opened = open_entry(name);
+    if (!opened) {
+        co_return fail(opened.error());
     }
-    auto found = lookup(name);
-    if (!found) {
-        co_return fail(found.error());
-    }
-    auto e = machines_.find(name)->second;
+    auto e = std::move(*opened);
     if (e->job == Job::stop) {
         co_await wait_job(e); // joins the stop in progress
         co_return result(*e);
@@ -1024,14 +1024,11 @@ awaitable<expected<void>> Supervisor::do_stop(std::shared_ptr<Entry> e, StopOpti
 
 awaitable<expected<OpResult>> Supervisor::kill(std::string name)
 {
-    if (auto open = check_open(); !open) {
-        co_return fail(open.error());
+    auto opened = open_entry(name);
+    if (!opened) {
+        co_return fail(opened.error());
     }
-    auto found = lookup(name);
-    if (!found) {
-        co_return fail(found.error());
-    }
-    auto e = machines_.find(name)->second;
+    auto e = std::move(*opened);
     if (e->machine && (has_process(e->state) || e->job == Job::start || e->job == Job::restart)) {
         // Preempts whatever is in progress: a stop waiting for the guest, a start, a hung monitor.
         e->kill_requested = true;
@@ -1049,14 +1046,11 @@ awaitable<expected<OpResult>> Supervisor::kill(std::string name)
 
 awaitable<expected<OpResult>> Supervisor::restart(std::string name)
 {
-    if (auto open = check_open(); !open) {
-        co_return fail(open.error());
+    auto opened = open_entry(name);
+    if (!opened) {
+        co_return fail(opened.error());
     }
-    auto found = lookup(name);
-    if (!found) {
-        co_return fail(found.error());
-    }
-    auto e = machines_.find(name)->second;
+    auto e = std::move(*opened);
     if (e->job != Job::none) {
         co_return fail(job_conflict(*e, "restart").error());
     }
@@ -1088,76 +1082,52 @@ awaitable<expected<OpResult>> Supervisor::restart(std::string name)
 
 awaitable<expected<OpResult>> Supervisor::pause(std::string name)
 {
-    if (auto open = check_open(); !open) {
-        co_return fail(open.error());
-    }
-    auto found = lookup(name);
-    if (!found) {
-        co_return fail(found.error());
-    }
-    auto e = machines_.find(name)->second;
-    if (e->job == Job::pause) {
-        co_await wait_job(e);
-        co_return result(*e);
-    }
-    if (e->job != Job::none) {
-        co_return fail(job_conflict(*e, "pause").error());
-    }
-    if (e->state == MachineState::paused) {
-        co_return result(*e);
-    }
-    if (e->state == MachineState::unresponsive) {
-        co_return fail(errc::unresponsive, fmt::format("cannot pause '{}': its monitor does not "
-                                                       "answer", name));
-    }
-    if (e->state != MachineState::running) {
-        co_return fail(errc::invalid_state, fmt::format("cannot pause '{}' while it is {}", name,
-                                                        qm::to_string(e->state)));
-    }
-    begin_job(*e, Job::pause);
-    auto machine = e->machine;
-    auto r = co_await machine->pause(options_.pause_timeout);
-    end_job(*e);
-    if (!r) {
-        if (r.error().is(errc::timeout)) {
-            spawn(probe(e), "probe");
-        }
-        co_return fail(r.error());
-    }
-    co_return result(*e);
+    co_return co_await pause_or_resume(std::move(name), Job::pause);
 }
 
 awaitable<expected<OpResult>> Supervisor::resume(std::string name)
 {
-    if (auto open = check_open(); !open) {
-        co_return fail(open.error());
+    co_return co_await pause_or_resume(std::move(name), Job::resume);
+}
+
+// `stop` or `cont`: the two differ only in the state they leave and the command they send.
+awaitable<expected<OpResult>> Supervisor::pause_or_resume(std::string name, Job job)
+{
+    const bool pausing = job == Job::pause;
+    const char* op = to_string(job);
+    const MachineState from = pausing ? MachineState::running : MachineState::paused;
+    const MachineState to = pausing ? MachineState::paused : MachineState::running;
+    auto opened = open_entry(name);
+    if (!opened) {
+        co_return fail(opened.error());
     }
-    auto found = lookup(name);
-    if (!found) {
-        co_return fail(found.error());
-    }
-    auto e = machines_.find(name)->second;
-    if (e->job == Job::resume) {
+    auto e = std::move(*opened);
+    if (e->job == job) {
         co_await wait_job(e);
         co_return result(*e);
     }
     if (e->job != Job::none) {
-        co_return fail(job_conflict(*e, "resume").error());
+        co_return fail(job_conflict(*e, op).error());
     }
-    if (e->state == MachineState::running) {
+    if (e->state == to) {
         co_return result(*e);
     }
     if (e->state == MachineState::unresponsive) {
-        co_return fail(errc::unresponsive, fmt::format("cannot resume '{}': its monitor does not "
-                                                       "answer", name));
+        co_return fail(errc::unresponsive, fmt::format("cannot {} '{}': its monitor does not "
+                                                       "answer", op, name));
     }
-    if (e->state != MachineState::paused) {
-        co_return fail(errc::invalid_state, fmt::format("cannot resume '{}' while it is {}", name,
+    if (e->state != from) {
+        co_return fail(errc::invalid_state, fmt::format("cannot {} '{}' while it is {}", op, name,
                                                         qm::to_string(e->state)));
     }
-    begin_job(*e, Job::resume);
+    begin_job(*e, job);
     auto machine = e->machine;
-    auto r = co_await machine->resume(options_.pause_timeout);
+    expected<void> r;
+    if (pausing) {
+        r = co_await machine->pause(options_.pause_timeout);
+    } else {
+        r = co_await machine->resume(options_.pause_timeout);
+    }
     end_job(*e);
     if (!r) {
         if (r.error().is(errc::timeout)) {
@@ -1174,14 +1144,11 @@ awaitable<expected<QmpResult>> Supervisor::qmp(std::string name, std::string com
                                                json::Document arguments,
                                                std::optional<std::chrono::milliseconds> timeout)
 {
-    if (auto open = check_open(); !open) {
-        co_return fail(open.error());
+    auto opened = open_entry(name);
+    if (!opened) {
+        co_return fail(opened.error());
     }
-    auto found = lookup(name);
-    if (!found) {
-        co_return fail(found.error());
-    }
-    auto e = machines_.find(name)->second;
+    auto e = std::move(*opened);
     if (command.empty()) {
         co_return fail(errc::invalid_argument, "the QMP command name is empty");
     }

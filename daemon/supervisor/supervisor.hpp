@@ -193,6 +193,9 @@ private:
     MachineInfo info(const Entry& e) const;
     OpResult result(const Entry& e) const;
     expected<void> check_open() const;
+    // check_open() and lookup(): the entry an operation works on.
+    expected<std::shared_ptr<Entry>> open_entry(std::string_view name) const;
+    awaitable<expected<OpResult>> pause_or_resume(std::string name, Job job);
 
     void set_state(Entry& e, MachineState state, std::string detail = {});
     void on_machine_state(Entry& e, MachineState s);
