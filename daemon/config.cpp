@@ -3,7 +3,11 @@
 // precedence, lowest first), the --help text, and the private directories the daemon runs in.
 #include "daemon/config.hpp"
 
+#include "libmachine/asio.hpp"
+
+#include <algorithm>
 #include <array>
+#include <charconv>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -141,6 +145,8 @@ struct Flags
     std::optional<std::string> runtime_dir;
     std::optional<spdlog::level::level_enum> log_level;
     std::optional<std::string> config_file;
+    // The other settings (rest-*), in order, applied over the file.
+    std::vector<std::pair<std::string, std::string>> settings;
     bool help = false;
     bool version = false;
 };
@@ -158,6 +164,77 @@ expected<std::string> absolute_from_flag(std::string_view flag, const std::strin
         p = cwd / p;
     }
     return clean_path(p);
+}
+
+// The settings beyond the directories and the log level: same key in the file and as a flag.
+constexpr std::array<std::string_view, 7> other_settings{
+    "rest-socket",          "rest-listen",   "rest-allow-remote",    "rest-token-file",
+    "rest-max-connections", "rest-max-body", "rest-request-timeout",
+};
+
+bool is_other_setting(std::string_view key)
+{
+    return std::find(other_settings.begin(), other_settings.end(), key) != other_settings.end();
+}
+
+expected<std::uint64_t> parse_count(std::string_view key, std::string_view value, std::uint64_t min,
+                                    std::uint64_t max)
+{
+    std::uint64_t n = 0;
+    const auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), n);
+    if (ec != std::errc() || end != value.data() + value.size() || n < min || n > max) {
+        return fail(errc::invalid_argument,
+                    fmt::format("{}: '{}' is not a whole number from {} to {}", key, value, min, max));
+    }
+    return n;
+}
+
+// One rest-* setting; messages start "<key>: ".
+expected<void> apply_setting(Config& c, std::string_view key, const std::string& value)
+{
+    if (key == "rest-socket") {
+        c.rest_socket = value == "none" ? value : clean_path(value);
+    } else if (key == "rest-token-file") {
+        c.rest_token_file = clean_path(value);
+    } else if (key == "rest-listen") {
+        if (value != "none") {
+            auto parsed = parse_listen_address(value);
+            if (!parsed) {
+                return fail(errc::invalid_argument, fmt::format("{}: {}", key, parsed.error().message));
+            }
+        }
+        c.rest_listen = value == "none" ? std::string() : value;
+    } else if (key == "rest-allow-remote") {
+        if (value != "true" && value != "false" && value != "yes" && value != "no") {
+            return fail(errc::invalid_argument,
+                        fmt::format("{}: '{}' is not true or false", key, value));
+        }
+        c.rest_allow_remote = value == "true" || value == "yes";
+    } else if (key == "rest-max-connections") {
+        auto n = parse_count(key, value, 1, 1000000);
+        if (!n) {
+            return fail(std::move(n).error());
+        }
+        c.rest_max_connections = *n;
+    } else if (key == "rest-max-body") {
+        auto n = parse_count(key, value, 1024, std::uint64_t{1} << 30);
+        if (!n) {
+            return fail(std::move(n).error());
+        }
+        c.rest_max_body = *n;
+    } else if (key == "rest-request-timeout") {
+        // Seconds, with a fraction if wanted ("0.5"): tests use short ones.
+        double secs = 0;
+        const auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), secs);
+        if (ec != std::errc() || end != value.data() + value.size() || !(secs >= 0.05) ||
+            secs > 3600) {
+            return fail(errc::invalid_argument,
+                        fmt::format("{}: '{}' is not a number of seconds from 0.05 to 3600", key,
+                                    value));
+        }
+        c.rest_request_timeout = std::chrono::milliseconds(static_cast<std::int64_t>(secs * 1000));
+    }
+    return {};
 }
 
 expected<Flags> parse_flags(const std::vector<std::string>& args)
@@ -190,8 +267,13 @@ expected<Flags> parse_flags(const std::vector<std::string>& args)
             (name == "--help" ? flags.help : flags.version) = true;
             continue;
         }
+        if (name == "--rest-allow-remote") {
+            flags.settings.emplace_back("rest-allow-remote", value.value_or("true"));
+            continue;
+        }
+        const bool is_setting = is_other_setting(std::string_view(name).substr(2));
         if (name != "--state-dir" && name != "--runtime-dir" && name != "--log-level" &&
-            name != "--config") {
+            name != "--config" && !is_setting) {
             return fail(errc::invalid_argument, fmt::format("unknown option '{}'", name));
         }
         if (!value) {
@@ -213,6 +295,20 @@ expected<Flags> parse_flags(const std::vector<std::string>& args)
                     fmt::format("--log-level: '{}' is not one of {}", *value, level_list()));
             }
             flags.log_level = *level;
+            continue;
+        }
+        if (is_setting) {
+            std::string v = *value;
+            if (name == "--rest-socket" || name == "--rest-token-file") {
+                if (v != "none") {
+                    auto abs = absolute_from_flag(name, v);
+                    if (!abs) {
+                        return fail(std::move(abs).error());
+                    }
+                    v = std::move(*abs);
+                }
+            }
+            flags.settings.emplace_back(name.substr(2), std::move(v));
             continue;
         }
         auto path = absolute_from_flag(name, *value);
@@ -295,6 +391,22 @@ expected<CommandLine> parse_command_line(const std::vector<std::string>& args, b
     if (flags->log_level) {
         config.log_level = *flags->log_level;
     }
+    for (const auto& [key, value] : flags->settings) {
+        if (auto applied = apply_setting(config, key, value); !applied) {
+            return fail(errc::invalid_argument, "--" + applied.error().message);
+        }
+    }
+    if (!config.rest_listen.empty() && !config.rest_allow_remote) {
+        auto listen = parse_listen_address(config.rest_listen);
+        error_code ec;
+        const auto address = asio::ip::make_address(listen->first, ec);
+        if (ec || !address.is_loopback()) {
+            return fail(errc::invalid_argument,
+                        fmt::format("rest-listen: {} is not a loopback address; add "
+                                    "--rest-allow-remote to accept connections from other hosts",
+                                    listen->first));
+        }
+    }
     if (config.state_dir.empty()) {
         return fail(std::move(state).error());
     }
@@ -340,11 +452,22 @@ expected<void> apply_config_text(Config& config, const std::string& text, const 
         }
         const std::string key(trim(line.substr(0, eq)));
         const std::string value(trim(line.substr(eq + 1)));
-        if (key != "state-dir" && key != "runtime-dir" && key != "log-level") {
+        if (key != "state-dir" && key != "runtime-dir" && key != "log-level" &&
+            !is_other_setting(key)) {
             return bad(fmt::format("unknown key '{}'", key));
         }
         if (value.empty()) {
             return bad(fmt::format("{}: needs a value", key));
+        }
+        if (is_other_setting(key)) {
+            if ((key == "rest-socket" || key == "rest-token-file") && value != "none" &&
+                !is_absolute(value)) {
+                return bad(fmt::format("{}: '{}' is not an absolute path", key, value));
+            }
+            if (auto applied = apply_setting(out, key, value); !applied) {
+                return bad(applied.error().message);
+            }
+            continue;
         }
         if (key == "log-level") {
             auto level = parse_level(value);
@@ -482,6 +605,43 @@ expected<void> ensure_private_dir(const std::string& path)
     return {};
 }
 
+std::string rest_socket_path(const Config& config)
+{
+    if (config.rest_socket == "none") {
+        return {};
+    }
+    return config.rest_socket.empty() ? config.runtime_dir + "/qmachined.sock" : config.rest_socket;
+}
+
+std::string rest_token_path(const Config& config)
+{
+    return config.rest_token_file.empty() ? config.state_dir + "/rest.token" : config.rest_token_file;
+}
+
+expected<std::pair<std::string, std::uint16_t>> parse_listen_address(std::string_view text)
+{
+    const auto colon = text.rfind(':');
+    if (colon == std::string_view::npos || colon == 0) {
+        return fail(errc::invalid_argument,
+                    fmt::format("'{}' is not ADDRESS:PORT (for example 127.0.0.1:8080)", text));
+    }
+    std::string host(text.substr(0, colon));
+    if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+        host = host.substr(1, host.size() - 2);
+    }
+    error_code ec;
+    asio::ip::make_address(host, ec);
+    if (ec) {
+        return fail(errc::invalid_argument,
+                    fmt::format("'{}' is not an IP address (names are not resolved)", host));
+    }
+    auto port = parse_count("port", text.substr(colon + 1), 0, 65535);
+    if (!port) {
+        return fail(errc::invalid_argument, fmt::format("'{}' has no valid port", text));
+    }
+    return std::pair{host, static_cast<std::uint16_t>(*port)};
+}
+
 std::string usage()
 {
     return fmt::format(
@@ -497,9 +657,26 @@ Options (each as "--option value" or "--option=value"; the last one given wins):
   --log-level LEVEL    log at LEVEL and above: {}
                          default: info
   --config FILE        read options from FILE first ("key = value" lines with the keys
-                         state-dir, runtime-dir, log-level; '#' comments; absolute paths);
+                         state-dir, runtime-dir, log-level, rest-*; '#' comments; absolute paths);
                          options given here override it
                          default: none
+  --rest-socket PATH   serve the REST API on the unix socket PATH (mode 0660), or "none"
+                         default: RUNTIME-DIR/qmachined.sock
+  --rest-listen ADDR:PORT
+                       also serve it over TCP (each request needs "Authorization: Bearer
+                         TOKEN"); a loopback address unless --rest-allow-remote
+                         default: none
+  --rest-allow-remote  let --rest-listen name any address (the API controls machines:
+                         expose it only on a trusted network)
+  --rest-token-file FILE
+                       the TCP listener's token (generated there, mode 0600, when absent)
+                         default: STATE-DIR/rest.token
+  --rest-max-connections N
+                       open REST connections at most (default 1024)
+  --rest-max-body BYTES
+                       request bodies at most (default 1048576)
+  --rest-request-timeout SECONDS
+                       a request must arrive within this (default 30)
   -h, --help           print this help and exit
   --version            print the version and exit
 

@@ -4,7 +4,12 @@
 // keys as the flags, then the command line (which wins).
 #pragma once
 
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
 #include <functional>
+#include <string_view>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -20,7 +25,22 @@ struct Config
     std::string runtime_dir; // sockets, records, logs of running machines (tmpfs)
     spdlog::level::level_enum log_level = spdlog::level::info;
     std::string config_file; // empty: none
+
+    // REST (keys rest-*; see usage()).
+    std::string rest_socket;     // the unix socket; empty: <runtime_dir>/qmachined.sock; "none": none
+    std::string rest_listen;     // "127.0.0.1:8080", "[::1]:8080"; empty: no TCP listener
+    bool rest_allow_remote = false; // rest-listen may name a non-loopback address
+    std::string rest_token_file; // empty: <state_dir>/rest.token
+    std::size_t rest_max_connections = 1024;
+    std::size_t rest_max_body = 1024 * 1024;
+    std::chrono::milliseconds rest_request_timeout{30000};
 };
+
+// The unix socket path (rest_socket with its default filled in; empty for "none").
+std::string rest_socket_path(const Config& config);
+std::string rest_token_path(const Config& config);
+// "ADDR:PORT" or "[V6ADDR]:PORT" to an address and port. errc::invalid_argument.
+expected<std::pair<std::string, std::uint16_t>> parse_listen_address(std::string_view text);
 
 // What the command line asked for.
 struct CommandLine

@@ -9,6 +9,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -17,6 +18,9 @@
 #include <spdlog/spdlog.h>
 
 #include "daemon/config.hpp"
+#include "daemon/qemu_version.hpp"
+#include "daemon/rest/api.hpp"
+#include "daemon/rest/server.hpp"
 #include "daemon/supervisor/supervisor.hpp"
 #include "libmachine/asio.hpp"
 
@@ -74,7 +78,7 @@ class Daemon
 public:
     Daemon(qm::asio::io_context& ioc, Config config, qm::daemon::SupervisorOptions options)
         : ioc_(ioc), config_(std::move(config)), supervisor_(ioc, std::move(options)),
-          signals_(ioc, SIGTERM, SIGINT, SIGHUP)
+          api_(supervisor_, qm::rest::ApiOptions{version}), signals_(ioc, SIGTERM, SIGINT, SIGHUP)
     {}
 
     int run()
@@ -84,8 +88,14 @@ public:
             spdlog::critical("Failed to start: {}", loaded.error().message);
             return 1;
         }
+        auto serving = serve();
+        if (!serving) {
+            spdlog::critical("Failed to start: {}", serving.error().message);
+            return 1;
+        }
         wait_signal();
         supervisor_.autostart();
+        probe_qemu();
         spdlog::info("qmachined {} ready: state '{}', runtime '{}', {} machine(s)", version,
                      config_.state_dir, config_.runtime_dir, supervisor_.size());
         ioc_.run();
@@ -94,6 +104,55 @@ public:
     }
 
 private:
+    // The REST listeners: the unix socket appears only now, when the daemon can answer.
+    qm::expected<void> serve()
+    {
+        qm::rest::ServerOptions options;
+        options.unix_path = qm::daemon::rest_socket_path(config_);
+        options.max_connections = config_.rest_max_connections;
+        options.max_body = config_.rest_max_body;
+        options.request_timeout = config_.rest_request_timeout;
+        options.server_header = fmt::format("qmachined/{}", version);
+        if (!config_.rest_listen.empty()) {
+            auto listen = qm::daemon::parse_listen_address(config_.rest_listen);
+            if (!listen) {
+                return qm::fail(listen.error());
+            }
+            options.tcp.emplace(qm::asio::ip::make_address(listen->first), listen->second);
+            auto token = qm::rest::load_or_create_token(qm::daemon::rest_token_path(config_));
+            if (!token) {
+                return qm::fail(token.error());
+            }
+            options.token = std::move(*token);
+            const auto address = options.tcp->address();
+            if (!address.is_loopback()) {
+                spdlog::warn("REST listens on {}, which is not a loopback address "
+                             "(--rest-allow-remote): anyone who can reach it and holds the token "
+                             "controls every machine, over plain HTTP", address.to_string());
+            }
+        }
+        server_.emplace(ioc_, api_, std::move(options));
+        return server_->listen();
+    }
+
+    void probe_qemu()
+    {
+        qm::asio::co_spawn(ioc_, qm::daemon::probe_qemu_version("qemu-system-x86_64"),
+                           [this](const std::exception_ptr& e,
+                                  qm::expected<qm::rest::QemuVersion> v) {
+                               if (e) {
+                                   spdlog::warn("Failed to ask QEMU for its version: {}",
+                                                qm::describe_exception(e));
+                               } else if (!v) {
+                                   spdlog::warn("Failed to ask QEMU for its version: {}",
+                                                v.error().message);
+                               } else {
+                                   spdlog::info("QEMU: {}", v->text);
+                                   api_.set_qemu_version(std::move(*v));
+                               }
+                           });
+    }
+
     void wait_signal()
     {
         signals_.async_wait([this](const qm::error_code& ec, int signo) {
@@ -120,9 +179,16 @@ private:
         }
         stopping_ = true;
         spdlog::info("Received {}: stopping every machine, then exiting", strsignal(signo));
+        // Requests still get answers while the machines stop (operations: 503 ShuttingDown).
+        if (server_) {
+            server_->drain();
+        }
         qm::asio::co_spawn(ioc_, supervisor_.shutdown(), [this](const std::exception_ptr& e) {
             if (e) {
                 spdlog::error("Failed to shut down cleanly: {}", qm::describe_exception(e));
+            }
+            if (server_) {
+                server_->close();
             }
             done_ = true;
             signals_.cancel();
@@ -158,6 +224,8 @@ private:
     qm::asio::io_context& ioc_;
     Config config_;
     qm::daemon::Supervisor supervisor_;
+    qm::rest::Api api_;
+    std::optional<qm::rest::Server> server_;
     qm::asio::signal_set signals_;
     bool stopping_ = false;
     bool done_ = false;

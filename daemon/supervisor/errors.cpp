@@ -51,7 +51,7 @@ constexpr std::array<ErrorInfo, 21> table{{
      "urn:qmachined:error:LimitExceeded", "org.qmachined1.Error.LimitExceeded"},
     {errc::access_denied, "AccessDenied", 403, "Access denied",
      "urn:qmachined:error:AccessDenied", "org.qmachined1.Error.AccessDenied"},
-    {errc::stale_generation, "StaleGeneration", 409, "Stale generation",
+    {errc::stale_generation, "StaleGeneration", 412, "Stale generation",
      "urn:qmachined:error:StaleGeneration", "org.qmachined1.Error.StaleGeneration"},
     {errc::internal, "Internal", 500, "Internal error",
      "urn:qmachined:error:Internal", "org.qmachined1.Error.Internal"},

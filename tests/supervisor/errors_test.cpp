@@ -141,7 +141,8 @@ TEST(ErrorTable, TheIssuesMapping)
         {errc::shutting_down, {503, "ShuttingDown"}},
         {errc::limit_exceeded, {429, "LimitExceeded"}},
         {errc::access_denied, {403, "AccessDenied"}},
-        {errc::stale_generation, {409, "StaleGeneration"}},
+        // If-Match failed: 412 Precondition Failed (RFC 9110 13.1.1), not a plain conflict.
+        {errc::stale_generation, {412, "StaleGeneration"}},
         {errc::internal, {500, "Internal"}},
     };
     ASSERT_EQ(expected.size(), all_errcs().size());

@@ -1,0 +1,632 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+// The REST API's handlers: request → Supervisor operation → response.
+#include "daemon/rest/api.hpp"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <charconv>
+#include <cmath>
+#include <cstring>
+#include <ctime>
+#include <variant>
+
+#include <fmt/format.h>
+
+#include "daemon/supervisor/spec.hpp"
+#include "daemon/supervisor/supervisor.hpp"
+#include "libmachine/json.hpp"
+
+namespace qm::rest {
+
+namespace {
+
+using daemon::MachineInfo;
+using daemon::OpResult;
+
+constexpr std::string_view json_media_type = "application/json";
+constexpr std::string_view text_media_type = "text/plain; charset=utf-8";
+
+Response json_response(int status, std::string body)
+{
+    Response r;
+    r.status = status;
+    r.content_type = json_media_type;
+    r.body = std::move(body);
+    return r;
+}
+
+Response bad_request(std::string detail, std::string field = {})
+{
+    return problem_response(make_problem(errc::invalid_argument, std::move(detail), std::move(field)));
+}
+
+std::string etag(std::uint64_t generation)
+{
+    return fmt::format("\"{}\"", generation);
+}
+
+Response machine_response(int status, const MachineInfo& m, std::uint64_t seq)
+{
+    json::Document d = daemon::machine_to_json(m);
+    auto& a = d.GetAllocator();
+    const std::string since = rfc3339_us(m.state_since_us);
+    d.AddMember("state_since", json::Value(since.c_str(), a), a);
+    d.AddMember("event_seq", seq, a);
+    Response r = json_response(status, json::to_string(d));
+    r.headers.emplace_back("ETag", etag(m.generation));
+    return r;
+}
+
+Response op_response(const expected<OpResult>& result)
+{
+    if (!result) {
+        return problem_response(make_problem(result.error()));
+    }
+    return machine_response(200, result->machine, result->seq);
+}
+
+// The media type of a Content-Type value, lower case, without parameters.
+std::string media_type(std::string_view content_type)
+{
+    const std::string_view type = content_type.substr(0, content_type.find(';'));
+    std::string out;
+    for (char c : type) {
+        if (c != ' ' && c != '\t') {
+            out.push_back(static_cast<char>(std::tolower(static_cast<unsigned char>(c))));
+        }
+    }
+    return out;
+}
+
+bool is_json_media_type(std::string_view content_type)
+{
+    const std::string type = media_type(content_type);
+    return type == "application/json" || (type.starts_with("application/") && type.ends_with("+json"));
+}
+
+// The body as a JSON object whose members are all in `allowed`; {} for an empty body (every body
+// of this API is optional or an object). 415 for a body that is not declared JSON, 400 otherwise.
+std::variant<json::Document, Response> body_object(const Request& req,
+                                                   std::initializer_list<std::string_view> allowed)
+{
+    if (req.body.empty()) {
+        return json::Document(rapidjson::kObjectType);
+    }
+    if (!is_json_media_type(req.content_type)) {
+        const std::string got = req.content_type.empty() ? "no Content-Type" : req.content_type;
+        return problem_response(make_problem(
+            HttpProblem::unsupported_media_type,
+            fmt::format("the body must be application/json (got {})", got.substr(0, 100))));
+    }
+    auto parsed = json::parse(req.body);
+    if (!parsed) {
+        return bad_request("the body is not valid JSON: " + parsed.error().message);
+    }
+    if (!parsed->IsObject()) {
+        return bad_request("the body must be a JSON object");
+    }
+    for (const auto& m : parsed->GetObject()) {
+        const std::string_view key(m.name.GetString(), m.name.GetStringLength());
+        if (std::find(allowed.begin(), allowed.end(), key) == allowed.end()) {
+            std::string shown = json::quote(key.substr(0, 64));
+            return bad_request(fmt::format("unknown field {}", shown), std::string(key.substr(0, 64)));
+        }
+    }
+    return std::move(*parsed);
+}
+
+// A problem when the query has a parameter not in `allowed`, or one twice.
+std::optional<Response> check_query(const Query& query, std::initializer_list<std::string_view> allowed)
+{
+    for (std::size_t i = 0; i < query.size(); ++i) {
+        const std::string& key = query[i].first;
+        const std::string shown = json::quote(std::string_view(key).substr(0, 64));
+        if (std::find(allowed.begin(), allowed.end(), key) == allowed.end()) {
+            return bad_request(fmt::format("unknown query parameter {}", shown), key.substr(0, 64));
+        }
+        for (std::size_t j = 0; j < i; ++j) {
+            if (query[j].first == key) {
+                return bad_request(fmt::format("query parameter {} is given twice", shown), key);
+            }
+        }
+    }
+    return std::nullopt;
+}
+
+const std::string* query_value(const Query& query, std::string_view key)
+{
+    for (const auto& [k, v] : query) {
+        if (k == key) {
+            return &v;
+        }
+    }
+    return nullptr;
+}
+
+std::optional<std::uint64_t> parse_uint(std::string_view s)
+{
+    std::uint64_t v = 0;
+    const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+    if (s.empty() || ec != std::errc() || end != s.data() + s.size()) {
+        return std::nullopt;
+    }
+    return v;
+}
+
+// A body member that must be a number in (min, max] seconds: the milliseconds.
+std::variant<std::optional<std::chrono::milliseconds>, Response> seconds_member(
+    const json::Value& body, std::string_view key, double max, bool allow_zero)
+{
+    const json::Value* v = json::find(body, key);
+    if (v == nullptr) {
+        return std::optional<std::chrono::milliseconds>{};
+    }
+    const bool ok = v->IsNumber() && std::isfinite(v->GetDouble()) &&
+                    (allow_zero ? v->GetDouble() >= 0 : v->GetDouble() > 0) && v->GetDouble() <= max;
+    if (!ok) {
+        return bad_request(fmt::format("{} must be a number of seconds, {} to {}", key,
+                                       allow_zero ? "0" : "more than 0", max),
+                           std::string(key));
+    }
+    return std::optional<std::chrono::milliseconds>{
+        std::chrono::milliseconds(static_cast<std::int64_t>(std::llround(v->GetDouble() * 1000)))};
+}
+
+} // namespace
+
+Response problem_response(const Problem& p)
+{
+    Response r;
+    r.status = p.status;
+    r.content_type = problem_media_type;
+    r.body = problem_body(p);
+    if (p.status == 401) {
+        r.headers.emplace_back("WWW-Authenticate", "Bearer realm=\"qmachined\"");
+    }
+    return r;
+}
+
+std::string rfc3339_us(std::int64_t us)
+{
+    const std::time_t secs = static_cast<std::time_t>(us / 1000000);
+    const auto frac = static_cast<int>(us % 1000000);
+    std::tm tm{};
+    ::gmtime_r(&secs, &tm);
+    return fmt::format("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z", tm.tm_year + 1900, tm.tm_mon + 1,
+                       tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, frac);
+}
+
+expected<std::string> read_log_tail(const std::string& path, std::optional<std::size_t> max_lines,
+                                    std::size_t limit)
+{
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
+    if (fd < 0) {
+        if (errno == ENOENT) {
+            return std::string();
+        }
+        return fail(errc::system_error, fmt::format("cannot open '{}': {}", path, std::strerror(errno)));
+    }
+    struct stat st{};
+    std::string data;
+    if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
+        const auto size = static_cast<std::size_t>(st.st_size);
+        const std::size_t want = std::min(size, limit);
+        data.resize(want);
+        const ssize_t n = ::pread(fd, data.data(), want, static_cast<off_t>(size - want));
+        data.resize(n > 0 ? static_cast<std::size_t>(n) : 0);
+        if (want < size) {
+            // Started mid-line: drop the partial first line.
+            const std::size_t nl = data.find('\n');
+            data.erase(0, nl == std::string::npos ? 0 : nl + 1);
+        }
+    }
+    ::close(fd);
+    if (max_lines) {
+        std::size_t pos = data.size();
+        // A final newline ends the last line; it does not start another one.
+        if (pos > 0 && data[pos - 1] == '\n') {
+            --pos;
+        }
+        std::size_t lines = 0;
+        while (lines < *max_lines && pos > 0) {
+            const std::size_t nl = data.rfind('\n', pos - 1);
+            if (nl == std::string::npos) {
+                pos = 0;
+                ++lines;
+                break;
+            }
+            ++lines;
+            if (lines == *max_lines) {
+                pos = nl + 1;
+                break;
+            }
+            pos = nl;
+        }
+        if (*max_lines == 0) {
+            pos = data.size();
+        }
+        data.erase(0, pos);
+    }
+    return data;
+}
+
+Api::Api(daemon::Supervisor& supervisor, ApiOptions options)
+    : supervisor_(supervisor), options_(std::move(options))
+{}
+
+awaitable<Response> Api::handle(Request req)
+{
+    auto matched = match_route(req.method, req.target);
+    if (const auto* no = std::get_if<NoRoute>(&matched)) {
+        if (no->status == 405) {
+            Response r = problem_response(make_problem(HttpProblem::method_not_allowed, no->detail));
+            r.headers.emplace_back("Allow", no->allow);
+            co_return r;
+        }
+        if (no->status == 404) {
+            co_return problem_response(make_problem(HttpProblem::not_found, no->detail));
+        }
+        co_return bad_request(no->detail);
+    }
+    RouteMatch m = std::move(std::get<RouteMatch>(matched));
+    const Route route = m.route;
+    const std::string_view label = route_info(route).name;
+
+    // Every route with a {name}: the name first (400 naming the field), then the route.
+    if (route_info(route).pattern.find("{name}") != std::string_view::npos) {
+        auto valid = daemon::validate_name(m.name);
+        if (!valid) {
+            Response r = bad_request(valid.error().message, "name");
+            r.route = label;
+            co_return r;
+        }
+    }
+    std::optional<Response> bad_query;
+    switch (route) {
+    case Route::machine_delete:
+        bad_query = check_query(m.query, {"force"});
+        break;
+    case Route::log:
+    case Route::console_log:
+        bad_query = check_query(m.query, {"tail"});
+        break;
+    default:
+        bad_query = check_query(m.query, {});
+        break;
+    }
+    if (bad_query) {
+        bad_query->route = label;
+        co_return std::move(*bad_query);
+    }
+
+    Response r;
+    switch (route) {
+    case Route::version:
+        r = version();
+        break;
+    case Route::health:
+        r = health();
+        break;
+    case Route::machines_list:
+        r = list();
+        break;
+    case Route::machine_get:
+        r = get(m.name);
+        break;
+    case Route::log:
+    case Route::console_log:
+        r = log(m.name, m.query, route == Route::console_log);
+        break;
+    case Route::machines_create:
+        r = co_await create(std::move(req));
+        break;
+    case Route::machine_delete:
+        r = co_await remove(m.name, m.query);
+        break;
+    case Route::spec_put:
+        r = co_await put_spec(m.name, std::move(req));
+        break;
+    case Route::qmp:
+        r = co_await qmp(m.name, std::move(req));
+        break;
+    case Route::start:
+    case Route::stop:
+    case Route::kill:
+    case Route::pause:
+    case Route::resume:
+    case Route::restart:
+        r = co_await action(route, m.name, std::move(req));
+        break;
+    }
+    r.route = label;
+    co_return r;
+}
+
+Response Api::version() const
+{
+    json::Document d(rapidjson::kObjectType);
+    auto& a = d.GetAllocator();
+    d.AddMember("qmachined", json::Value(options_.daemon_version.c_str(), a), a);
+    d.AddMember("api", "v1", a);
+    if (qemu_) {
+        json::Value q(rapidjson::kObjectType);
+        q.AddMember("binary", json::Value(qemu_->binary.c_str(), a), a);
+        q.AddMember("version", json::Value(qemu_->version.c_str(), a), a);
+        q.AddMember("text", json::Value(qemu_->text.c_str(), a), a);
+        d.AddMember("qemu", q, a);
+    } else {
+        d.AddMember("qemu", json::Value(), a);
+    }
+    return json_response(200, json::to_string(d));
+}
+
+Response Api::health() const
+{
+    if (supervisor_.shutting_down()) {
+        return problem_response(make_problem(errc::shutting_down, "qmachined is shutting down"));
+    }
+    json::Document d(rapidjson::kObjectType);
+    auto& a = d.GetAllocator();
+    d.AddMember("status", "ok", a);
+    d.AddMember("machines", static_cast<std::uint64_t>(supervisor_.size()), a);
+    json::Value states(rapidjson::kObjectType);
+    for (const auto& [state, count] : supervisor_.count_by_state()) {
+        json::Value key(state.c_str(), a);
+        json::Value n(static_cast<std::uint64_t>(count));
+        states.AddMember(key, n, a);
+    }
+    d.AddMember("states", states, a);
+    return json_response(200, json::to_string(d));
+}
+
+Response Api::list() const
+{
+    const std::uint64_t seq = supervisor_.events().last_seq();
+    json::Document d(rapidjson::kObjectType);
+    auto& a = d.GetAllocator();
+    json::Value machines(rapidjson::kArrayType);
+    for (const MachineInfo& m : supervisor_.list()) {
+        json::Document one = daemon::machine_to_json(m);
+        const std::string since = rfc3339_us(m.state_since_us);
+        one.AddMember("state_since", json::Value(since.c_str(), one.GetAllocator()), one.GetAllocator());
+        one.AddMember("event_seq", seq, one.GetAllocator());
+        machines.PushBack(json::Value(one, a), a);
+    }
+    d.AddMember("machines", machines, a);
+    return json_response(200, json::to_string(d));
+}
+
+Response Api::get(const std::string& name) const
+{
+    auto info = supervisor_.inspect(name);
+    if (!info) {
+        return problem_response(make_problem(info.error()));
+    }
+    return machine_response(200, *info, supervisor_.events().last_seq());
+}
+
+Response Api::log(const std::string& name, const Query& query, bool console) const
+{
+    std::optional<std::size_t> tail;
+    if (const std::string* t = query_value(query, "tail")) {
+        auto n = parse_uint(*t);
+        if (!n || *n > 1000000) {
+            return bad_request("tail must be a whole number of lines, 0 to 1000000", "tail");
+        }
+        tail = static_cast<std::size_t>(*n);
+    }
+    auto info = supervisor_.inspect(name);
+    if (!info) {
+        return problem_response(make_problem(info.error()));
+    }
+    const std::string& path = console ? info->console_log_path : info->log_path;
+    std::string text;
+    if (!path.empty()) {
+        auto read = read_log_tail(path, tail, options_.log_read_limit);
+        if (!read) {
+            return problem_response(make_problem(read.error()));
+        }
+        text = std::move(*read);
+    }
+    Response r;
+    r.status = 200;
+    r.content_type = text_media_type;
+    r.body = std::move(text);
+    return r;
+}
+
+awaitable<Response> Api::create(Request req)
+{
+    auto body = body_object(req, {"name", "spec"});
+    if (auto* problem = std::get_if<Response>(&body)) {
+        co_return std::move(*problem);
+    }
+    json::Document& doc = std::get<json::Document>(body);
+    const json::Value* name = json::find(doc, "name");
+    if (name == nullptr) {
+        co_return bad_request("missing required field \"name\"", "name");
+    }
+    if (!name->IsString()) {
+        co_return bad_request("name must be a string", "name");
+    }
+    std::string name_str(name->GetString(), name->GetStringLength());
+    auto valid = daemon::validate_name(name_str);
+    if (!valid) {
+        co_return bad_request(valid.error().message, "name");
+    }
+    json::Document spec(rapidjson::kObjectType);
+    if (const json::Value* s = json::find(doc, "spec")) {
+        if (!s->IsObject()) {
+            co_return bad_request("spec must be a JSON object", "spec");
+        }
+        spec.CopyFrom(*s, spec.GetAllocator());
+    }
+    auto created = co_await supervisor_.create(name_str, std::move(spec));
+    if (!created) {
+        co_return problem_response(make_problem(created.error()));
+    }
+    Response r = machine_response(201, created->machine, created->seq);
+    r.headers.emplace_back("Location", "/v1/machines/" + name_str);
+    co_return r;
+}
+
+awaitable<Response> Api::remove(std::string name, Query query)
+{
+    bool force = false;
+    if (const std::string* f = query_value(query, "force")) {
+        if (*f == "true" || *f == "1") {
+            force = true;
+        } else if (*f != "false" && *f != "0") {
+            co_return bad_request("force must be true or false", "force");
+        }
+    }
+    auto removed = co_await supervisor_.remove(name, force);
+    if (!removed) {
+        co_return problem_response(make_problem(removed.error()));
+    }
+    Response r;
+    r.status = 204;
+    co_return r;
+}
+
+awaitable<Response> Api::put_spec(std::string name, Request req)
+{
+    if (req.body.empty()) {
+        co_return bad_request("the body must be the machine's spec (a JSON object)", "spec");
+    }
+    if (!is_json_media_type(req.content_type)) {
+        co_return problem_response(make_problem(HttpProblem::unsupported_media_type,
+                                                "the body must be application/json"));
+    }
+    auto parsed = json::parse(req.body);
+    if (!parsed) {
+        co_return bad_request("the body is not valid JSON: " + parsed.error().message);
+    }
+    if (!parsed->IsObject()) {
+        co_return bad_request("the body must be the machine's spec (a JSON object)", "spec");
+    }
+    std::uint64_t generation = 0;
+    // RFC 9110 13.1.1: If-Match holds entity tags; ours are the generation in quotes. A bare
+    // number is accepted too (curl users type it), and "*" or no header means "whatever it is".
+    std::string tag = req.if_match.value_or("*");
+    if (tag.starts_with("W/")) {
+        tag.erase(0, 2);
+    }
+    if (tag.size() >= 2 && tag.front() == '"' && tag.back() == '"') {
+        tag = tag.substr(1, tag.size() - 2);
+    }
+    if (tag == "*") {
+        auto info = supervisor_.inspect(name);
+        if (!info) {
+            co_return problem_response(make_problem(info.error()));
+        }
+        generation = info->generation;
+    } else {
+        auto n = parse_uint(tag);
+        if (!n) {
+            co_return bad_request("If-Match must be the machine's generation as an entity tag "
+                                  "(\"3\") or *", "If-Match");
+        }
+        generation = *n;
+    }
+    auto updated = co_await supervisor_.update(name, std::move(*parsed), generation);
+    co_return op_response(updated);
+}
+
+awaitable<Response> Api::qmp(std::string name, Request req)
+{
+    auto body = body_object(req, {"execute", "arguments", "timeout_s"});
+    if (auto* problem = std::get_if<Response>(&body)) {
+        co_return std::move(*problem);
+    }
+    json::Document& doc = std::get<json::Document>(body);
+    const json::Value* execute = json::find(doc, "execute");
+    if (execute == nullptr || !execute->IsString() || execute->GetStringLength() == 0 ||
+        execute->GetStringLength() > 128) {
+        co_return bad_request("execute must be a QMP command name (1 to 128 characters)", "execute");
+    }
+    json::Document arguments;
+    if (const json::Value* args = json::find(doc, "arguments"); args != nullptr && !args->IsNull()) {
+        if (!args->IsObject()) {
+            co_return bad_request("arguments must be a JSON object", "arguments");
+        }
+        arguments.CopyFrom(*args, arguments.GetAllocator());
+    }
+    auto timeout = seconds_member(doc, "timeout_s", 3600, false);
+    if (auto* problem = std::get_if<Response>(&timeout)) {
+        co_return std::move(*problem);
+    }
+    std::string command(execute->GetString(), execute->GetStringLength());
+    auto deadline = std::get<std::optional<std::chrono::milliseconds>>(timeout);
+    auto result = co_await supervisor_.qmp(name, std::move(command), std::move(arguments), deadline);
+    if (!result) {
+        co_return problem_response(make_problem(result.error()));
+    }
+    json::Document d(rapidjson::kObjectType);
+    auto& a = d.GetAllocator();
+    d.AddMember("return", json::Value(result->value, a), a);
+    d.AddMember("event_seq", result->seq, a);
+    co_return json_response(200, json::to_string(d));
+}
+
+awaitable<Response> Api::action(Route route, std::string name, Request req)
+{
+    if (route == Route::stop) {
+        auto body = body_object(req, {"mode", "timeout_s"});
+        if (auto* problem = std::get_if<Response>(&body)) {
+            co_return std::move(*problem);
+        }
+        json::Document& doc = std::get<json::Document>(body);
+        daemon::StopOptions options;
+        if (const json::Value* mode = json::find(doc, "mode")) {
+            const std::string_view m = mode->IsString()
+                                           ? std::string_view(mode->GetString(), mode->GetStringLength())
+                                           : std::string_view();
+            if (m == "powerdown") {
+                options.mode = daemon::ShutdownModeSpec::powerdown;
+            } else if (m == "quit") {
+                options.mode = daemon::ShutdownModeSpec::quit;
+            } else {
+                co_return bad_request("mode must be \"powerdown\" or \"quit\"", "mode");
+            }
+        }
+        auto timeout = seconds_member(doc, "timeout_s", 86400, true);
+        if (auto* problem = std::get_if<Response>(&timeout)) {
+            co_return std::move(*problem);
+        }
+        options.timeout = std::get<std::optional<std::chrono::milliseconds>>(timeout);
+        auto stopped = co_await supervisor_.stop(name, options);
+        co_return op_response(stopped);
+    }
+    auto body = body_object(req, {});
+    if (auto* problem = std::get_if<Response>(&body)) {
+        co_return std::move(*problem);
+    }
+    expected<OpResult> result = fail(errc::internal, "no such action");
+    switch (route) {
+    case Route::start:
+        result = co_await supervisor_.start(name);
+        break;
+    case Route::kill:
+        result = co_await supervisor_.kill(name);
+        break;
+    case Route::pause:
+        result = co_await supervisor_.pause(name);
+        break;
+    case Route::resume:
+        result = co_await supervisor_.resume(name);
+        break;
+    case Route::restart:
+        result = co_await supervisor_.restart(name);
+        break;
+    default:
+        break;
+    }
+    co_return op_response(result);
+}
+
+} // namespace qm::rest

@@ -1,0 +1,97 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+// The REST API's request handling, apart from I/O: a parsed request in, a response out, every
+// route of proto/openapi.yaml translated to one Supervisor operation.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "daemon/rest/problem.hpp"
+#include "daemon/rest/router.hpp"
+#include "libmachine/asio.hpp"
+
+namespace qm::daemon {
+class Supervisor;
+}
+
+namespace qm::rest {
+
+// What the handlers need of an HTTP request (the session fills it from Beast's message).
+struct Request
+{
+    std::string method; // "GET"
+    std::string target; // "/v1/machines/a?force=true"
+    std::string content_type;
+    std::optional<std::string> if_match;
+    std::string body;
+};
+
+struct Response
+{
+    int status = 200;
+    std::string content_type; // empty: no body
+    std::string body;
+    std::vector<std::pair<std::string, std::string>> headers; // Location, ETag, Allow, ...
+    // The route's label for logs and metrics ("machine.start"; "unmatched" for 404/405).
+    std::string_view route = "unmatched";
+};
+
+// The response of a problem (with Allow for 405, WWW-Authenticate for 401).
+Response problem_response(const Problem& p);
+
+// The QEMU binary's version, learnt once at start (`--version`).
+struct QemuVersion
+{
+    std::string binary;
+    std::string version; // "7.2.22"
+    std::string text;    // the first line of its output
+};
+
+struct ApiOptions
+{
+    std::string daemon_version;
+    // Bytes read from the end of a log file at most.
+    std::size_t log_read_limit = 1024 * 1024;
+};
+
+// Owned by the daemon; loop thread only; holds the supervisor by reference (it outlives the Api).
+// Every failure is a response (a problem), never an exception; an exception that escapes a handler
+// is a bug, answered 500 Internal by the session.
+class Api
+{
+public:
+    Api(daemon::Supervisor& supervisor, ApiOptions options);
+
+    awaitable<Response> handle(Request request);
+
+    void set_qemu_version(QemuVersion v) { qemu_ = std::move(v); }
+
+private:
+    Response version() const;
+    Response health() const;
+    Response list() const;
+    Response get(const std::string& name) const;
+    Response log(const std::string& name, const Query& query, bool console) const;
+    awaitable<Response> create(Request req);
+    awaitable<Response> remove(std::string name, Query query);
+    awaitable<Response> put_spec(std::string name, Request req);
+    awaitable<Response> qmp(std::string name, Request req);
+    awaitable<Response> action(Route route, std::string name, Request req);
+
+    daemon::Supervisor& supervisor_;
+    ApiOptions options_;
+    std::optional<QemuVersion> qemu_;
+};
+
+// RFC 3339 in UTC with microseconds: "2026-11-25T22:01:02.123456Z".
+std::string rfc3339_us(std::int64_t us_since_epoch);
+// The last `max_lines` lines (all with nullopt) of the last `limit` bytes of the file at `path`;
+// empty when it does not exist. errc::system_error when it cannot be read.
+expected<std::string> read_log_tail(const std::string& path, std::optional<std::size_t> max_lines,
+                                    std::size_t limit);
+
+} // namespace qm::rest

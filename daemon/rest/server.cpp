@@ -1,0 +1,457 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+// The REST server: listeners, sessions, limits, deadlines and tokens.
+#include "daemon/rest/server.hpp"
+
+#include <fcntl.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "daemon/rest/beast.hpp"
+#include "libmachine/deadline.hpp"
+
+namespace qm::rest {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// The response of a failure detected before a request was complete (the connection is closed
+// after it: what is left of the request cannot be read reliably).
+http::response<http::string_body> early_response(const Problem& p, const std::string& server)
+{
+    const Response r = problem_response(p);
+    http::response<http::string_body> res{static_cast<http::status>(r.status), 11};
+    res.set(http::field::server, server);
+    res.set(http::field::content_type, r.content_type);
+    res.body() = r.body;
+    res.keep_alive(false);
+    res.prepare_payload();
+    return res;
+}
+
+std::string_view trim(std::string_view s)
+{
+    while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) {
+        s.remove_prefix(1);
+    }
+    while (!s.empty() && (s.back() == ' ' || s.back() == '\t' || s.back() == '\r' || s.back() == '\n')) {
+        s.remove_suffix(1);
+    }
+    return s;
+}
+
+// Beast 1.74 speaks boost::string_view.
+std::string_view sv(beast::string_view s)
+{
+    return {s.data(), s.size()};
+}
+
+bool iequals(std::string_view a, std::string_view b)
+{
+    if (a.size() != b.size()) {
+        return false;
+    }
+    for (std::size_t i = 0; i < a.size(); ++i) {
+        if (std::tolower(static_cast<unsigned char>(a[i])) != std::tolower(static_cast<unsigned char>(b[i]))) {
+            return false;
+        }
+    }
+    return true;
+}
+
+} // namespace
+
+bool constant_time_equal(std::string_view a, std::string_view b) noexcept
+{
+    // Every byte of the longer one is looked at, whatever the contents; the lengths are not secret.
+    const std::size_t n = std::max(a.size(), b.size());
+    unsigned diff = a.size() == b.size() ? 0U : 1U;
+    for (std::size_t i = 0; i < n; ++i) {
+        const auto x = static_cast<unsigned char>(i < a.size() ? a[i] : 0);
+        const auto y = static_cast<unsigned char>(i < b.size() ? b[i] : 0);
+        diff |= static_cast<unsigned>(x ^ y);
+    }
+    return diff == 0;
+}
+
+expected<std::string> load_or_create_token(const std::string& path)
+{
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd >= 0) {
+        struct stat st{};
+        if (::fstat(fd, &st) == 0 && (st.st_mode & 077) != 0) {
+            ::close(fd);
+            return fail(errc::invalid_argument,
+                        fmt::format("'{}' is readable by others (mode {:o}): make it 0600", path,
+                                    st.st_mode & 0777));
+        }
+        char buf[512];
+        const ssize_t n = ::read(fd, buf, sizeof buf);
+        const int err = errno;
+        ::close(fd);
+        if (n < 0) {
+            return fail(errc::system_error, fmt::format("cannot read '{}': {}", path, std::strerror(err)));
+        }
+        std::string_view text(buf, static_cast<std::size_t>(n));
+        text = trim(text.substr(0, text.find('\n')));
+        if (text.empty()) {
+            return fail(errc::invalid_argument, fmt::format("'{}' holds no token", path));
+        }
+        return std::string(text);
+    }
+    if (errno != ENOENT) {
+        return fail(errc::system_error, fmt::format("cannot open '{}': {}", path, std::strerror(errno)));
+    }
+    unsigned char raw[32];
+    if (::getrandom(raw, sizeof raw, 0) != static_cast<ssize_t>(sizeof raw)) {
+        return fail(errc::system_error, fmt::format("getrandom: {}", std::strerror(errno)));
+    }
+    std::string token;
+    for (unsigned char c : raw) {
+        token += fmt::format("{:02x}", c);
+    }
+    fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (fd < 0) {
+        return fail(errc::system_error, fmt::format("cannot create '{}': {}", path, std::strerror(errno)));
+    }
+    const std::string line = token + "\n";
+    const bool ok = ::write(fd, line.data(), line.size()) == static_cast<ssize_t>(line.size()) &&
+                    ::fsync(fd) == 0;
+    const int err = errno;
+    ::close(fd);
+    if (!ok) {
+        ::unlink(path.c_str());
+        return fail(errc::system_error, fmt::format("cannot write '{}': {}", path, std::strerror(err)));
+    }
+    spdlog::info("Generated the REST token in '{}'", path);
+    return token;
+}
+
+Server::Server(asio::io_context& ioc, Api& api, ServerOptions options)
+    : ioc_(ioc), api_(api), options_(std::move(options))
+{}
+
+Server::~Server()
+{
+    close();
+}
+
+expected<void> Server::listen()
+{
+    if (!options_.unix_path.empty()) {
+        // Bound under a temporary name and renamed into place: a client that finds the socket
+        // can connect, and a stale socket of a crashed daemon is replaced atomically (the runtime
+        // directory's lock says no other daemon uses it).
+        const std::string& path = options_.unix_path;
+        const std::string tmp = fmt::format("{}.{}.tmp", path, ::getpid());
+        ::unlink(tmp.c_str());
+        using Local = asio::local::stream_protocol;
+        Local::acceptor acceptor(ioc_);
+        error_code ec;
+        acceptor.open(Local(), ec);
+        if (!ec) {
+            acceptor.bind(Local::endpoint(tmp), ec);
+        }
+        if (ec) {
+            return fail(errc::system_error, fmt::format("cannot bind '{}': {}", tmp, ec.message()));
+        }
+        if (::chmod(tmp.c_str(), 0660) != 0) {
+            const int err = errno;
+            ::unlink(tmp.c_str());
+            return fail(errc::system_error, fmt::format("cannot chmod '{}': {}", tmp, std::strerror(err)));
+        }
+        acceptor.listen(asio::socket_base::max_listen_connections, ec);
+        if (ec || ::rename(tmp.c_str(), path.c_str()) != 0) {
+            const std::string why = ec ? ec.message() : std::strerror(errno);
+            ::unlink(tmp.c_str());
+            return fail(errc::system_error, fmt::format("cannot listen on '{}': {}", path, why));
+        }
+        unix_acceptor_.emplace(std::move(acceptor));
+        asio::co_spawn(ioc_, accept_loop<Local>(*unix_acceptor_, false), [](std::exception_ptr e) {
+            if (e) {
+                spdlog::error("Failed to accept REST connections: {}", describe_exception(e));
+            }
+        });
+        spdlog::info("REST listening on '{}'", path);
+    }
+    if (options_.tcp) {
+        using Tcp = asio::ip::tcp;
+        Tcp::acceptor acceptor(ioc_);
+        error_code ec;
+        acceptor.open(options_.tcp->protocol(), ec);
+        if (!ec) {
+            acceptor.set_option(asio::socket_base::reuse_address(true), ec);
+        }
+        if (!ec) {
+            acceptor.bind(*options_.tcp, ec);
+        }
+        if (!ec) {
+            acceptor.listen(asio::socket_base::max_listen_connections, ec);
+        }
+        if (ec) {
+            return fail(errc::system_error, fmt::format("cannot listen on {}:{}: {}",
+                                                        options_.tcp->address().to_string(),
+                                                        options_.tcp->port(), ec.message()));
+        }
+        tcp_acceptor_.emplace(std::move(acceptor));
+        asio::co_spawn(ioc_, accept_loop<Tcp>(*tcp_acceptor_, true), [](std::exception_ptr e) {
+            if (e) {
+                spdlog::error("Failed to accept REST connections: {}", describe_exception(e));
+            }
+        });
+        const auto bound = tcp_acceptor_->local_endpoint(ec);
+        spdlog::info("REST listening on {}:{} (bearer token required)", bound.address().to_string(),
+                     bound.port());
+    }
+    return {};
+}
+
+std::uint16_t Server::tcp_port() const noexcept
+{
+    if (!tcp_acceptor_) {
+        return 0;
+    }
+    error_code ec;
+    return tcp_acceptor_->local_endpoint(ec).port();
+}
+
+void Server::close()
+{
+    if (closed_) {
+        return;
+    }
+    closed_ = true;
+    error_code ec;
+    if (unix_acceptor_) {
+        unix_acceptor_->close(ec);
+        ::unlink(options_.unix_path.c_str());
+    }
+    if (tcp_acceptor_) {
+        tcp_acceptor_->close(ec);
+    }
+    // Closers remove nothing themselves (the sessions do, when they end): take a copy.
+    auto sessions = sessions_;
+    for (auto& [id, closer] : sessions) {
+        closer();
+    }
+}
+
+bool Server::authorized(std::string_view header) const noexcept
+{
+    // RFC 6750 2.1: "Bearer" (any case), one space, the token.
+    header = trim(header);
+    if (header.size() < 7 || !iequals(header.substr(0, 6), "Bearer") || header[6] != ' ') {
+        return false;
+    }
+    return constant_time_equal(trim(header.substr(7)), options_.token);
+}
+
+template <class Protocol>
+awaitable<void> Server::accept_loop(typename Protocol::acceptor& acceptor, bool needs_token)
+{
+    std::weak_ptr<int> alive = life_;
+    while (true) {
+        typename Protocol::socket socket(ioc_);
+        error_code ec;
+        co_await acceptor.async_accept(socket, use_ec(ec));
+        if (alive.expired() || closed_ || ec == asio::error::operation_aborted) {
+            co_return;
+        }
+        if (ec) {
+            // EMFILE and friends: the listener stays; wait a moment rather than spin.
+            spdlog::warn("Failed to accept a REST connection: {}", ec.message());
+            asio::steady_timer pause(ioc_, 100ms);
+            co_await pause.async_wait(use_ec(ec));
+            continue;
+        }
+        if (sessions_.size() >= options_.max_connections) {
+            asio::co_spawn(ioc_, refuse<Protocol>(std::move(socket)), asio::detached);
+            continue;
+        }
+        const std::uint64_t id = next_session_++;
+        asio::co_spawn(ioc_, session<Protocol>(std::move(socket), needs_token, id),
+                       [](std::exception_ptr e) {
+                           if (e) {
+                               spdlog::error("Failed to serve a REST connection: {}",
+                                             describe_exception(e));
+                           }
+                       });
+    }
+}
+
+template <class Protocol>
+awaitable<void> Server::refuse(typename Protocol::socket socket)
+{
+    // Over the connection limit: one short answer, then the connection is closed.
+    spdlog::warn("Refused a REST connection: {} connections are open (the limit)",
+                 options_.max_connections);
+    auto res = early_response(make_problem(errc::limit_exceeded,
+                                           fmt::format("too many connections (limit {})",
+                                                       options_.max_connections)),
+                              options_.server_header);
+    res.set(http::field::retry_after, "1");
+    Deadline deadline(socket.get_executor(), 1s, [&socket] { socket.close(); });
+    error_code ec;
+    co_await http::async_write(socket, res, use_ec(ec));
+    socket.shutdown(asio::socket_base::shutdown_both, ec);
+    socket.close(ec);
+}
+
+template <class Protocol>
+awaitable<void> Server::session(typename Protocol::socket socket, bool needs_token, std::uint64_t id)
+{
+    std::weak_ptr<int> alive = life_;
+    sessions_.emplace(id, [&socket] {
+        error_code ec;
+        socket.cancel(ec);
+        socket.close(ec);
+    });
+    beast::flat_buffer buffer;
+    error_code ec;
+    while (!closed_) {
+        http::request_parser<http::string_body> parser;
+        parser.header_limit(static_cast<std::uint32_t>(options_.max_header));
+        parser.body_limit(options_.max_body);
+        bool timed_out = false;
+        std::optional<Deadline> deadline;
+        deadline.emplace(socket.get_executor(), options_.request_timeout, [&socket, &timed_out] {
+            timed_out = true;
+            error_code ignored;
+            socket.cancel(ignored);
+        });
+        co_await http::async_read_header(socket, buffer, parser, use_ec(ec));
+        if (!ec) {
+            const auto& head = parser.get();
+            const auto length = parser.content_length();
+            if (length && *length > options_.max_body) {
+                ec = http::error::body_limit;
+            } else if (iequals(sv(head[http::field::expect]), "100-continue") && !parser.is_done()) {
+                // RFC 9110 10.1.1: the client waits for this before sending the body.
+                http::response<http::empty_body> go_on{http::status::continue_, 11};
+                co_await http::async_write(socket, go_on, use_ec(ec));
+            }
+        }
+        if (!ec && !parser.is_done()) {
+            co_await http::async_read(socket, buffer, parser, use_ec(ec));
+        }
+        deadline.reset();
+        if (alive.expired() || closed_) {
+            break;
+        }
+        if (ec) {
+            std::optional<Problem> problem;
+            if (timed_out) {
+                // An idle kept-alive connection is closed quietly; a request that started and
+                // did not finish in time gets 408.
+                if (parser.got_some() || buffer.size() > 0) {
+                    problem = make_problem(HttpProblem::request_timeout,
+                                           fmt::format("the request did not arrive within {} ms",
+                                                       options_.request_timeout.count()));
+                }
+            } else if (ec == http::error::body_limit) {
+                problem = make_problem(HttpProblem::payload_too_large,
+                                       fmt::format("the body is larger than {} bytes",
+                                                   options_.max_body));
+            } else if (ec == http::error::header_limit) {
+                problem = make_problem(HttpProblem::header_fields_too_large,
+                                       fmt::format("the request header is larger than {} bytes",
+                                                   options_.max_header));
+            } else if (ec.category() == http::make_error_code(http::error::bad_target).category() &&
+                       ec != http::error::end_of_stream && ec != http::error::partial_message) {
+                problem = make_problem(errc::invalid_argument,
+                                       "malformed HTTP request: " + ec.message());
+            }
+            if (problem) {
+                spdlog::debug("REST connection {}: {} ({})", id, problem->detail, ec.message());
+                auto res = early_response(*problem, options_.server_header);
+                Deadline write_deadline(socket.get_executor(), 1s, [&socket] {
+                    error_code ignored;
+                    socket.close(ignored);
+                });
+                co_await http::async_write(socket, res, use_ec(ec));
+            }
+            break;
+        }
+
+        auto& msg = parser.get();
+        const auto started = Clock::now();
+        Response response;
+        if (needs_token && !authorized(sv(msg[http::field::authorization]))) {
+            response = problem_response(make_problem(
+                HttpProblem::unauthorized,
+                msg.find(http::field::authorization) == msg.end()
+                    ? "this listener needs \"Authorization: Bearer <token>\" (the token is in "
+                      "the state directory's rest.token)"
+                    : "the bearer token is not the right one"));
+        } else {
+            Request request;
+            request.method = std::string(msg.method_string());
+            request.target = std::string(msg.target());
+            request.content_type = std::string(msg[http::field::content_type]);
+            if (auto it = msg.find(http::field::if_match); it != msg.end()) {
+                request.if_match = std::string(it->value());
+            }
+            request.body = std::move(msg.body());
+            try {
+                response = co_await api_.handle(std::move(request));
+            } catch (const std::exception& e) {
+                spdlog::error("REST {} {}: a handler failed: {}", std::string(msg.method_string()),
+                              std::string(msg.target()), e.what());
+                response = problem_response(make_problem(errc::internal, e.what()));
+            }
+        }
+        if (alive.expired() || closed_) {
+            break;
+        }
+        const auto us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - started);
+        if (response.status >= 500) {
+            spdlog::warn("REST {} {} -> {} ({} us): {}", std::string(msg.method_string()),
+                         std::string(msg.target()).substr(0, 200), response.status, us.count(),
+                         response.body.substr(0, 1000));
+        } else {
+            spdlog::debug("REST {} {} -> {} ({} us)", std::string(msg.method_string()),
+                          std::string(msg.target()).substr(0, 200), response.status, us.count());
+        }
+
+        http::response<http::string_body> res{static_cast<http::status>(response.status),
+                                              msg.version()};
+        res.set(http::field::server, options_.server_header);
+        for (const auto& [name, value] : response.headers) {
+            res.set(name, value);
+        }
+        if (!response.content_type.empty()) {
+            res.set(http::field::content_type, response.content_type);
+        }
+        res.body() = std::move(response.body);
+        const bool keep = msg.keep_alive() && !draining_ && response.status != 401;
+        res.keep_alive(keep);
+        // RFC 9110 8.6: no Content-Length in a 204 (prepare_payload would add "0").
+        if (response.status != 204) {
+            res.prepare_payload();
+        }
+        {
+            Deadline write_deadline(socket.get_executor(), options_.request_timeout, [&socket] {
+                error_code ignored;
+                socket.close(ignored);
+            });
+            co_await http::async_write(socket, res, use_ec(ec));
+        }
+        if (ec || !keep || alive.expired()) {
+            break;
+        }
+    }
+    if (!alive.expired()) {
+        sessions_.erase(id);
+        socket.shutdown(asio::socket_base::shutdown_send, ec);
+        socket.close(ec);
+    }
+}
+
+} // namespace qm::rest

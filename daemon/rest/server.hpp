@@ -1,0 +1,93 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+// The REST server: the unix socket (and optional loopback TCP) listeners, one session coroutine per
+// connection (HTTP/1.1 keep-alive, limits, read deadlines, bearer tokens on TCP), requests handed
+// to the Api.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "daemon/rest/api.hpp"
+#include "libmachine/asio.hpp"
+#include "libmachine/expected.hpp"
+
+namespace qm::rest {
+
+using namespace std::chrono_literals;
+
+struct ServerOptions
+{
+    // The unix socket (mode 0660); empty: none.
+    std::string unix_path;
+    // The TCP listener; nullopt: none. Every request on it needs the bearer token.
+    std::optional<asio::ip::tcp::endpoint> tcp;
+    std::string token;
+    std::size_t max_connections = 1024;
+    std::size_t max_body = 1024 * 1024;
+    std::size_t max_header = 16 * 1024;
+    // From the first byte of a request (or the end of the previous one, on a kept-alive
+    // connection) to its last; also the bound of writing a response.
+    std::chrono::milliseconds request_timeout = 30s;
+    std::string server_header = "qmachined";
+};
+
+// Owned by the daemon; loop thread only; holds the Api by reference (it outlives the server).
+// listen() fails with errc::system_error naming the address and errno's text.
+class Server
+{
+public:
+    Server(asio::io_context& ioc, Api& api, ServerOptions options);
+    ~Server();
+    Server(const Server&) = delete;
+    Server& operator=(const Server&) = delete;
+
+    // Binds and listens. The unix socket appears at its path only once it accepts (bound under a
+    // temporary name, then renamed), replacing a stale one of a previous daemon.
+    expected<void> listen();
+    // The port the TCP listener got (for port 0), 0 without one.
+    std::uint16_t tcp_port() const noexcept;
+    // From now on responses carry `Connection: close`.
+    void drain() noexcept { draining_ = true; }
+    // Stops accepting, removes the unix socket and closes every connection.
+    void close();
+
+    std::size_t connections() const noexcept { return sessions_.size(); }
+
+private:
+    template <class Protocol>
+    awaitable<void> accept_loop(typename Protocol::acceptor& acceptor, bool needs_token);
+    template <class Protocol>
+    awaitable<void> session(typename Protocol::socket socket, bool needs_token, std::uint64_t id);
+    template <class Protocol>
+    awaitable<void> refuse(typename Protocol::socket socket);
+    bool authorized(std::string_view header) const noexcept;
+
+    asio::io_context& ioc_;
+    Api& api_;
+    ServerOptions options_;
+    std::optional<asio::local::stream_protocol::acceptor> unix_acceptor_;
+    std::optional<asio::ip::tcp::acceptor> tcp_acceptor_;
+    // Each open connection's closer.
+    std::map<std::uint64_t, std::function<void()>> sessions_;
+    std::uint64_t next_session_ = 1;
+    bool draining_ = false;
+    bool closed_ = false;
+    std::shared_ptr<int> life_ = std::make_shared<int>(0);
+};
+
+// Whether two secrets are equal, in time that depends only on their lengths (not on where they
+// differ).
+bool constant_time_equal(std::string_view a, std::string_view b) noexcept;
+
+// The token in `path` (first line, trimmed); when the file does not exist, a new random one
+// (32 bytes from getrandom, hex) written there with mode 0600. errc::system_error when it cannot be
+// read or written, errc::invalid_argument when it is empty or readable by others.
+expected<std::string> load_or_create_token(const std::string& path);
+
+} // namespace qm::rest
