@@ -68,6 +68,9 @@ bool fits(std::string_view pattern, const std::vector<std::string>& segments, st
     std::string found;
     for (std::size_t i = 0; i < parts.size(); ++i) {
         if (parts[i] == "{name}") {
+            if (segments[i].empty()) {
+                return false; // "/v1/machines/" names no machine: 404, not a bad name
+            }
             found = segments[i];
         } else if (parts[i] != segments[i]) {
             return false;

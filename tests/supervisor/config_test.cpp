@@ -518,6 +518,89 @@ TEST_F(ConfigFileTest, EnsurePrivateDirFollowsASymlinkToADirectory)
     EXPECT_TRUE(r) << describe(r.error());
 }
 
+TEST(RestSettingsTest, DefaultsFollowTheDirectories)
+{
+    auto r = parse({"--state-dir", "/s", "--runtime-dir", "/r"});
+    ASSERT_TRUE(r) << describe(r.error());
+    EXPECT_EQ(rest_socket_path(r->config), "/r/qmachined.sock");
+    EXPECT_EQ(rest_token_path(r->config), "/s/rest.token");
+    EXPECT_EQ(r->config.rest_listen, "");
+    EXPECT_FALSE(r->config.rest_allow_remote);
+    EXPECT_EQ(r->config.rest_max_connections, 1024u);
+    EXPECT_EQ(r->config.rest_max_body, 1024u * 1024u);
+    EXPECT_EQ(r->config.rest_request_timeout, std::chrono::milliseconds(30000));
+}
+
+TEST(RestSettingsTest, FlagsInBothSpellings)
+{
+    auto r = parse({"--rest-socket=/x/api.sock", "--rest-listen", "127.0.0.1:8080",
+                    "--rest-token-file", "tok", "--rest-max-connections=10",
+                    "--rest-max-body", "4096", "--rest-request-timeout=0.5"});
+    ASSERT_TRUE(r) << describe(r.error());
+    EXPECT_EQ(rest_socket_path(r->config), "/x/api.sock");
+    EXPECT_EQ(r->config.rest_listen, "127.0.0.1:8080");
+    EXPECT_EQ(rest_token_path(r->config), cwd_join("tok"));
+    EXPECT_EQ(r->config.rest_max_connections, 10u);
+    EXPECT_EQ(r->config.rest_max_body, 4096u);
+    EXPECT_EQ(r->config.rest_request_timeout, std::chrono::milliseconds(500));
+    auto none = parse({"--rest-socket", "none"});
+    ASSERT_TRUE(none);
+    EXPECT_EQ(rest_socket_path(none->config), "");
+}
+
+TEST(RestSettingsTest, RemoteAddressesNeedTheirOwnFlag)
+{
+    EXPECT_EQ(error_of(parse({"--rest-listen", "0.0.0.0:8080"})),
+              "rest-listen: 0.0.0.0 is not a loopback address; add --rest-allow-remote to accept "
+              "connections from other hosts");
+    auto allowed = parse({"--rest-listen", "0.0.0.0:8080", "--rest-allow-remote"});
+    ASSERT_TRUE(allowed) << describe(allowed.error());
+    EXPECT_TRUE(allowed->config.rest_allow_remote);
+    EXPECT_TRUE(parse({"--rest-listen", "[::1]:8080"}));
+}
+
+TEST(RestSettingsTest, BadValuesAreRefusedWithTheirKey)
+{
+    const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+        {{"--rest-listen", "localhost:80"},
+         "--rest-listen: 'localhost' is not an IP address (names are not resolved)"},
+        {{"--rest-listen", "127.0.0.1"},
+         "--rest-listen: '127.0.0.1' is not ADDRESS:PORT (for example 127.0.0.1:8080)"},
+        {{"--rest-listen", "127.0.0.1:70000"}, "--rest-listen: '127.0.0.1:70000' has no valid port"},
+        {{"--rest-max-connections", "0"},
+         "--rest-max-connections: '0' is not a whole number from 1 to 1000000"},
+        {{"--rest-max-body", "12x"},
+         "--rest-max-body: '12x' is not a whole number from 1024 to 1073741824"},
+        {{"--rest-request-timeout", "0"},
+         "--rest-request-timeout: '0' is not a number of seconds from 0.05 to 3600"},
+        {{"--rest-allow-remote=maybe"}, "--rest-allow-remote: 'maybe' is not true or false"},
+    };
+    for (const auto& [args, message] : cases) {
+        EXPECT_EQ(error_of(parse(args)), message);
+    }
+}
+
+TEST(RestSettingsTest, TheFileTakesTheSameKeys)
+{
+    Config c;
+    const std::string text = "rest-socket = /run/q/api.sock\n"
+                             "rest-listen = 127.0.0.1:9000\n"
+                             "rest-max-body = 2048\n"
+                             "rest-allow-remote = no\n";
+    auto r = apply_config_text(c, text, "q.conf");
+    ASSERT_TRUE(r) << describe(r.error());
+    EXPECT_EQ(c.rest_socket, "/run/q/api.sock");
+    EXPECT_EQ(c.rest_listen, "127.0.0.1:9000");
+    EXPECT_EQ(c.rest_max_body, 2048u);
+    auto bad = apply_config_text(c, "rest-token-file = tok\n", "q.conf");
+    ASSERT_FALSE(bad);
+    EXPECT_EQ(bad.error().message, "q.conf:1: rest-token-file: 'tok' is not an absolute path");
+    auto bad_number = apply_config_text(c, "rest-max-connections = -1\n", "q.conf");
+    ASSERT_FALSE(bad_number);
+    EXPECT_EQ(bad_number.error().message,
+              "q.conf:1: rest-max-connections: '-1' is not a whole number from 1 to 1000000");
+}
+
 TEST(UsageTest, MentionsEveryFlagAndTheDefaults)
 {
     const std::string text = usage();
@@ -528,6 +611,13 @@ TEST(UsageTest, MentionsEveryFlagAndTheDefaults)
                              "--help",
                              "-h",
                              "--version",
+                             "--rest-socket",
+                             "--rest-listen",
+                             "--rest-allow-remote",
+                             "--rest-token-file",
+                             "--rest-max-connections",
+                             "--rest-max-body",
+                             "--rest-request-timeout",
                              "/var/lib/qmachined",
                              "/run/qmachined",
                              "$XDG_STATE_HOME/qmachined",
