@@ -158,18 +158,21 @@ std::optional<std::uint64_t> parse_uint(std::string_view s)
 }
 
 // A body member that must be a number in (min, max] seconds: the milliseconds.
+// `whole`: whole seconds only (0 allowed), as the stop's timeout in the spec.
 std::variant<std::optional<std::chrono::milliseconds>, Response> seconds_member(
-    const json::Value& body, std::string_view key, double max, bool allow_zero)
+    const json::Value& body, std::string_view key, double max, bool whole)
 {
     const json::Value* v = json::find(body, key);
     if (v == nullptr) {
         return std::optional<std::chrono::milliseconds>{};
     }
-    const bool ok = v->IsNumber() && std::isfinite(v->GetDouble()) &&
-                    (allow_zero ? v->GetDouble() >= 0 : v->GetDouble() > 0) && v->GetDouble() <= max;
+    const bool ok = whole ? (v->IsUint64() && v->GetUint64() <= static_cast<std::uint64_t>(max))
+                          : (v->IsNumber() && std::isfinite(v->GetDouble()) && v->GetDouble() > 0 &&
+                             v->GetDouble() <= max);
     if (!ok) {
-        return bad_request(fmt::format("{} must be a number of seconds, {} to {}", key,
-                                       allow_zero ? "0" : "more than 0", max),
+        return bad_request(whole ? fmt::format("{} must be a whole number of seconds, 0 to {}", key, max)
+                                 : fmt::format("{} must be a number of seconds, more than 0 and "
+                                               "at most {}", key, max),
                            std::string(key));
     }
     return std::optional<std::chrono::milliseconds>{
@@ -514,7 +517,9 @@ awaitable<Response> Api::put_spec(std::string name, Request req)
     // number is accepted too (curl users type it), and "*" or no header means "whatever it is".
     std::string tag = req.if_match.value_or("*");
     if (tag.starts_with("W/")) {
-        tag.erase(0, 2);
+        // Strong comparison: a weak tag never matches (RFC 9110 13.1.1); ours are all strong.
+        co_return problem_response(make_problem(
+            errc::stale_generation, "If-Match: a weak entity tag never matches (use \"N\")"));
     }
     if (tag.size() >= 2 && tag.front() == '"' && tag.back() == '"') {
         tag = tag.substr(1, tag.size() - 2);
@@ -550,7 +555,7 @@ awaitable<Response> Api::qmp(std::string name, Request req)
         co_return bad_request("execute must be a QMP command name (1 to 128 characters)", "execute");
     }
     json::Document arguments;
-    if (const json::Value* args = json::find(doc, "arguments"); args != nullptr && !args->IsNull()) {
+    if (const json::Value* args = json::find(doc, "arguments")) {
         if (!args->IsObject()) {
             co_return bad_request("arguments must be a JSON object", "arguments");
         }

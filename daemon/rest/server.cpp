@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <array>
 #include <cerrno>
 #include <cstring>
 
@@ -30,6 +31,9 @@ http::response<http::string_body> early_response(const Problem& p, const std::st
     http::response<http::string_body> res{static_cast<http::status>(r.status), 11};
     res.set(http::field::server, server);
     res.set(http::field::content_type, r.content_type);
+    for (const auto& [name, value] : r.headers) {
+        res.set(name, value);
+    }
     res.body() = r.body;
     res.keep_alive(false);
     res.prepare_payload();
@@ -64,6 +68,30 @@ bool iequals(std::string_view a, std::string_view b)
         }
     }
     return true;
+}
+
+// After an answer sent before the request was read to its end (413, 431, 408, 400): stop sending,
+// then read and drop what the client still sends, for a while, before the caller closes. Closing
+// with unread data makes TCP send a reset, which can destroy the answer in the client's receive
+// queue before it reads it (RFC 9112 9.6, "tear-down").
+template <class Socket>
+awaitable<void> linger(Socket& socket)
+{
+    error_code ec;
+    socket.shutdown(asio::socket_base::shutdown_send, ec);
+    Deadline deadline(socket.get_executor(), 2s, [&socket] {
+        error_code ignored;
+        socket.cancel(ignored);
+    });
+    std::array<char, 16 * 1024> drop{};
+    std::size_t total = 0;
+    while (total < 16 * 1024 * 1024) {
+        const std::size_t n = co_await socket.async_read_some(asio::buffer(drop), use_ec(ec));
+        if (ec) {
+            break;
+        }
+        total += n;
+    }
 }
 
 } // namespace
@@ -300,7 +328,9 @@ awaitable<void> Server::refuse(typename Protocol::socket socket)
     Deadline deadline(socket.get_executor(), 1s, [&socket] { socket.close(); });
     error_code ec;
     co_await http::async_write(socket, res, use_ec(ec));
-    socket.shutdown(asio::socket_base::shutdown_both, ec);
+    if (!ec) {
+        co_await linger(socket);
+    }
     socket.close(ec);
 }
 
@@ -327,7 +357,12 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
             socket.cancel(ignored);
         });
         co_await http::async_read_header(socket, buffer, parser, use_ec(ec));
-        if (!ec) {
+        // An unauthenticated request is answered from its header: its body is never read.
+        bool unauthorized = false;
+        if (!ec && needs_token) {
+            unauthorized = !authorized(sv(parser.get()[http::field::authorization]));
+        }
+        if (!ec && !unauthorized) {
             const auto& head = parser.get();
             const auto length = parser.content_length();
             if (length && *length > options_.max_body) {
@@ -338,16 +373,24 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
                 co_await http::async_write(socket, go_on, use_ec(ec));
             }
         }
-        if (!ec && !parser.is_done()) {
+        if (!ec && !unauthorized && !parser.is_done()) {
             co_await http::async_read(socket, buffer, parser, use_ec(ec));
         }
         deadline.reset();
         if (alive.expired() || closed_) {
             break;
         }
-        if (ec) {
+        if (ec || unauthorized) {
             std::optional<Problem> problem;
-            if (timed_out) {
+            if (unauthorized) {
+                const bool has_header =
+                    parser.get().find(http::field::authorization) != parser.get().end();
+                problem = make_problem(
+                    HttpProblem::unauthorized,
+                    has_header ? "the bearer token is not the right one"
+                               : "this listener needs \"Authorization: Bearer <token>\" (the "
+                                 "token is in the state directory's rest.token)");
+            } else if (timed_out) {
                 // An idle kept-alive connection is closed quietly; a request that started and
                 // did not finish in time gets 408.
                 if (parser.got_some() || buffer.size() > 0) {
@@ -376,6 +419,9 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
                     socket.close(ignored);
                 });
                 co_await http::async_write(socket, res, use_ec(ec));
+                if (!ec) {
+                    co_await linger(socket);
+                }
             }
             break;
         }
@@ -383,14 +429,7 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
         auto& msg = parser.get();
         const auto started = Clock::now();
         Response response;
-        if (needs_token && !authorized(sv(msg[http::field::authorization]))) {
-            response = problem_response(make_problem(
-                HttpProblem::unauthorized,
-                msg.find(http::field::authorization) == msg.end()
-                    ? "this listener needs \"Authorization: Bearer <token>\" (the token is in "
-                      "the state directory's rest.token)"
-                    : "the bearer token is not the right one"));
-        } else {
+        {
             Request request;
             request.method = std::string(msg.method_string());
             request.target = std::string(msg.target());
@@ -411,7 +450,8 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
             break;
         }
         const auto us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - started);
-        if (response.status >= 500) {
+        // 503 is an expected answer (shutting down, an unresponsive machine), not a failure here.
+        if (response.status >= 500 && response.status != 503) {
             spdlog::warn("REST {} {} -> {} ({} us): {}", std::string(msg.method_string()),
                          std::string(msg.target()).substr(0, 200), response.status, us.count(),
                          response.body.substr(0, 1000));
@@ -430,11 +470,15 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
             res.set(http::field::content_type, response.content_type);
         }
         res.body() = std::move(response.body);
-        const bool keep = msg.keep_alive() && !draining_ && response.status != 401;
+        const bool keep = msg.keep_alive() && !draining_;
         res.keep_alive(keep);
         // RFC 9110 8.6: no Content-Length in a 204 (prepare_payload would add "0").
         if (response.status != 204) {
             res.prepare_payload();
+        }
+        // RFC 9110 9.3.2: a HEAD answer has the header of the answer, not its body.
+        if (msg.method() == http::verb::head) {
+            res.body().clear();
         }
         {
             Deadline write_deadline(socket.get_executor(), options_.request_timeout, [&socket] {

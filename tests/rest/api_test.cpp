@@ -278,6 +278,10 @@ TEST_F(ApiTest, ActionBodiesAreChecked)
         {"/v1/machines/vm/stop", R"({"timeout_s": -1})", "timeout_s"},
         {"/v1/machines/vm/stop", R"({"timeout_s": "5"})", "timeout_s"},
         {"/v1/machines/vm/stop", R"({"timeout_s": 1e300})", "timeout_s"},
+        {"/v1/machines/vm/stop", R"({"timeout_s": 1.5})", "timeout_s"},
+        {"/v1/machines/vm/stop", R"({"timeout_s": 86401})", "timeout_s"},
+        {"/v1/machines/vm/qmp", R"({"execute": "x", "arguments": null})", "arguments"},
+        {"/v1/machines/vm/qmp", R"({"execute": "x", "timeout_s": 3601})", "timeout_s"},
         {"/v1/machines/vm/qmp", R"({})", "execute"},
         {"/v1/machines/vm/qmp", R"({"execute": ""})", "execute"},
         {"/v1/machines/vm/qmp", R"({"execute": 5})", "execute"},
@@ -303,7 +307,7 @@ TEST_F(ApiTest, ConditionalSpecUpdates)
     std::uint64_t generation = 1;
     for (std::optional<std::string> tag :
          {std::optional<std::string>("\"1\""), std::optional<std::string>("2"),
-          std::optional<std::string>("W/\"3\""), std::optional<std::string>("*"),
+          std::optional<std::string>("\"3\""), std::optional<std::string>("*"),
           std::optional<std::string>()}) {
         SCOPED_TRACE(tag.value_or("(none)"));
         const Response r = call("PUT", "/v1/machines/vm/spec", none_spec(R"(, "cpus": 2)"),
@@ -317,6 +321,8 @@ TEST_F(ApiTest, ConditionalSpecUpdates)
     Response stale = call("PUT", "/v1/machines/vm/spec", none_spec(), "application/json", "\"1\"");
     EXPECT_EQ(stale.status, 412);
     EXPECT_EQ(problem(stale).first, "StaleGeneration");
+    Response weak = call("PUT", "/v1/machines/vm/spec", none_spec(), "application/json", "W/\"6\"");
+    EXPECT_EQ(weak.status, 412) << weak.body; // a weak tag never matches, even the current one
     Response junk = call("PUT", "/v1/machines/vm/spec", none_spec(), "application/json", "abc");
     EXPECT_EQ(junk.status, 400);
     EXPECT_EQ(problem(junk).second, "If-Match");
