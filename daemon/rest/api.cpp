@@ -263,6 +263,15 @@ Api::Api(daemon::Supervisor& supervisor, ApiOptions options)
 
 awaitable<Response> Api::handle(Request req)
 {
+    // RFC 9112 3.2.2: a server accepts the absolute form ("http://host/v1/health") too.
+    if (req.target.starts_with("http://") || req.target.starts_with("https://")) {
+        const std::size_t authority = req.target.find("//") + 2;
+        const std::size_t path = req.target.find_first_of("/?", authority);
+        req.target = path == std::string::npos ? "/" : req.target.substr(path);
+        if (req.target.front() == '?') {
+            req.target.insert(0, "/");
+        }
+    }
     auto matched = match_route(req.method, req.target);
     if (const auto* no = std::get_if<NoRoute>(&matched)) {
         if (no->status == 405) {
@@ -516,6 +525,9 @@ awaitable<Response> Api::put_spec(std::string name, Request req)
     // RFC 9110 13.1.1: If-Match holds entity tags; ours are the generation in quotes. A bare
     // number is accepted too (curl users type it), and "*" or no header means "whatever it is".
     std::string tag = req.if_match.value_or("*");
+    if (auto known = supervisor_.inspect(name); !known) {
+        co_return problem_response(make_problem(known.error()));
+    }
     if (tag.starts_with("W/")) {
         // Strong comparison: a weak tag never matches (RFC 9110 13.1.1); ours are all strong.
         co_return problem_response(make_problem(

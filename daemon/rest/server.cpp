@@ -10,6 +10,7 @@
 #include <array>
 #include <cerrno>
 #include <cstring>
+#include <limits>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -348,7 +349,15 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
     while (!closed_) {
         http::request_parser<http::string_body> parser;
         parser.header_limit(static_cast<std::uint32_t>(options_.max_header));
-        parser.body_limit(options_.max_body);
+        // On TCP the limit applies once the token is checked: an anonymous client learns nothing
+        // but 401 (our own check below refuses a long Content-Length before any body is read).
+        if (needs_token) {
+            // Not boost::none: Beast 1.74 compares `len > body_limit_` with the optional, and a
+            // none optional is less than every length.
+            parser.body_limit(std::numeric_limits<std::uint64_t>::max());
+        } else {
+            parser.body_limit(options_.max_body);
+        }
         bool timed_out = false;
         std::optional<Deadline> deadline;
         deadline.emplace(socket.get_executor(), options_.request_timeout, [&socket, &timed_out] {
@@ -357,6 +366,16 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
             socket.cancel(ignored);
         });
         co_await http::async_read_header(socket, buffer, parser, use_ec(ec));
+        if (!ec) {
+            const auto& head = parser.get();
+            // RFC 9112 6.3: a Transfer-Encoding whose last coding is not chunked leaves the body
+            // length unknown (request smuggling): 400 and close. RFC 9112 3.2: HTTP/1.1 needs Host.
+            if (head.find(http::field::transfer_encoding) != head.end() && !parser.chunked()) {
+                ec = http::error::bad_transfer_encoding;
+            } else if (head.version() >= 11 && head.find(http::field::host) == head.end()) {
+                ec = http::error::bad_field;
+            }
+        }
         // An unauthenticated request is answered from its header: its body is never read.
         bool unauthorized = false;
         if (!ec && needs_token) {
@@ -372,6 +391,9 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
                 http::response<http::empty_body> go_on{http::status::continue_, 11};
                 co_await http::async_write(socket, go_on, use_ec(ec));
             }
+        }
+        if (!ec && !unauthorized && needs_token) {
+            parser.body_limit(options_.max_body);
         }
         if (!ec && !unauthorized && !parser.is_done()) {
             co_await http::async_read(socket, buffer, parser, use_ec(ec));

@@ -201,6 +201,10 @@ TEST_F(ApiTest, RoutingProblems)
     EXPECT_EQ(method.status, 405);
     EXPECT_EQ(problem(method).first, "MethodNotAllowed");
     EXPECT_EQ(header(method, "Allow"), "GET, POST");
+    // The absolute form (RFC 9112 3.2.2) reaches the same routes.
+    EXPECT_EQ(call("GET", "http://qmachined/v1/health").status, 200);
+    EXPECT_EQ(call("GET", "http://qmachined?x").status, 404);
+    EXPECT_EQ(problem(call("GET", "http://qmachined/v1/machines/ghost")).first, "NoSuchMachine");
     const Response query = call("GET", "/v1/machines?verbose=1");
     EXPECT_EQ(query.status, 400);
     EXPECT_EQ(problem(query), (std::pair<std::string, std::string>{"InvalidArgument", "verbose"}));

@@ -2,26 +2,21 @@
 // The qmachined executable: flags and exit codes, private directories, loading definitions (a
 // corrupt one set aside), autostart, one daemon per runtime directory, SIGHUP, and SIGTERM/SIGINT
 // stopping every machine before exit.
-#include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
-#include <iterator>
-#include <optional>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include "libmachine/json.hpp"
+#include "tests/support/daemon_process.hpp"
 #include "tests/support/qemu_process.hpp"
 
 #ifndef QM_QMACHINED
@@ -34,114 +29,13 @@ namespace {
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 
-std::string read_file(const fs::path& p)
-{
-    std::ifstream f(p, std::ios::binary);
-    return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-}
-
-void write_file(const fs::path& p, const std::string& s)
-{
-    std::ofstream f(p, std::ios::binary | std::ios::trunc);
-    f << s;
-}
-
-// Polls `done` every 10 ms until it holds or `deadline` passes (the daemon is another process:
-// there is no loop of ours to run).
-template <typename F>
-bool eventually(F done, std::chrono::milliseconds deadline = 30s)
-{
-    const auto end = std::chrono::steady_clock::now() + deadline;
-    while (!done()) {
-        if (std::chrono::steady_clock::now() >= end) {
-            return false;
-        }
-        std::this_thread::sleep_for(10ms);
-    }
-    return true;
-}
-
-// The children of `pid` (from /proc/*/stat).
-std::vector<pid_t> children_of(pid_t pid)
-{
-    std::vector<pid_t> out;
-    std::error_code ec;
-    for (const auto& e : fs::directory_iterator("/proc", ec)) {
-        const auto name = e.path().filename().string();
-        if (name.find_first_not_of("0123456789") != std::string::npos) {
-            continue;
-        }
-        const std::string stat = read_file(e.path() / "stat");
-        const auto close = stat.rfind(')');
-        if (close == std::string::npos) {
-            continue;
-        }
-        int ppid = 0;
-        char state = 0;
-        if (std::sscanf(stat.c_str() + close + 1, " %c %d", &state, &ppid) == 2 && ppid == pid) {
-            out.push_back(static_cast<pid_t>(std::stoi(name)));
-        }
-    }
-    return out;
-}
-
 // One qmachined process, its output in a file.
-class Daemon
+class Daemon : public DaemonProcess
 {
 public:
-    explicit Daemon(std::vector<std::string> args, const fs::path& output) : output_(output)
-    {
-        std::vector<std::string> argv{QM_QMACHINED};
-        argv.insert(argv.end(), args.begin(), args.end());
-        pid_ = ::fork();
-        if (pid_ == 0) {
-            const int fd = ::open(output.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-            ::dup2(fd, 1);
-            ::dup2(fd, 2);
-            std::vector<char*> cargv;
-            for (auto& a : argv) {
-                cargv.push_back(a.data());
-            }
-            cargv.push_back(nullptr);
-            ::execv(cargv[0], cargv.data());
-            ::_exit(127);
-        }
-    }
-    Daemon(const Daemon&) = delete;
-    Daemon& operator=(const Daemon&) = delete;
-    ~Daemon()
-    {
-        if (pid_ > 0 && !status_) {
-            ::kill(pid_, SIGKILL);
-            int st = 0;
-            ::waitpid(pid_, &st, 0);
-        }
-    }
-
-    pid_t pid() const { return pid_; }
-    std::string output() const { return read_file(output_); }
-    bool says(const std::string& text) const { return output().find(text) != std::string::npos; }
-    bool wait_for_output(const std::string& text, std::chrono::milliseconds d = 30s) const
-    {
-        return eventually([&] { return says(text); }, d);
-    }
-    // The exit status (WEXITSTATUS, or 128 + signal), once it exited within `d`.
-    std::optional<int> wait_exit(std::chrono::milliseconds d = 60s)
-    {
-        eventually([&] {
-            int st = 0;
-            if (::waitpid(pid_, &st, WNOHANG) == pid_) {
-                status_ = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-            }
-            return status_.has_value();
-        }, d);
-        return status_;
-    }
-
-private:
-    fs::path output_;
-    pid_t pid_ = -1;
-    std::optional<int> status_;
+    Daemon(const std::vector<std::string>& args, const fs::path& output)
+        : DaemonProcess(QM_QMACHINED, args, output)
+    {}
 };
 
 class QmachinedTest : public testing::Test
@@ -221,10 +115,10 @@ TEST_F(QmachinedTest, AutostartsLoadsAndStopsEveryMachineOnSigterm)
         GTEST_SKIP() << "no QEMU: " << *why;
     }
     fs::create_directories(state_);
-    write_file(state_ / "auto1.json", definition("auto1", true));
-    write_file(state_ / "auto2.json", definition("auto2", true));
-    write_file(state_ / "idle.json", definition("idle", false));
-    write_file(state_ / "broken.json", "{\"format\": 1, \"name\": \"bro");
+    write_whole_file(state_ / "auto1.json", definition("auto1", true));
+    write_whole_file(state_ / "auto2.json", definition("auto2", true));
+    write_whole_file(state_ / "idle.json", definition("idle", false));
+    write_whole_file(state_ / "broken.json", "{\"format\": 1, \"name\": \"bro");
 
     Daemon d(dirs(), root_ / "daemon.out");
     ASSERT_TRUE(d.wait_for_output("ready")) << d.output();
@@ -262,7 +156,7 @@ TEST_F(QmachinedTest, AutostartsLoadsAndStopsEveryMachineOnSigterm)
 TEST_F(QmachinedTest, OneDaemonPerRuntimeDirectorySighupReloadsSigintStops)
 {
     const fs::path conf = root_ / "qmachined.conf";
-    write_file(conf, "# test configuration\nlog-level = info\n");
+    write_whole_file(conf, "# test configuration\nlog-level = info\n");
     auto args = dirs();
     args.emplace_back("--config");
     args.push_back(conf.string());
@@ -273,7 +167,7 @@ TEST_F(QmachinedTest, OneDaemonPerRuntimeDirectorySighupReloadsSigintStops)
     EXPECT_EQ(second.wait_exit(), 1);
     EXPECT_TRUE(second.says("Another qmachined")) << second.output();
 
-    write_file(conf, "log-level = debug\n");
+    write_whole_file(conf, "log-level = debug\n");
     ::kill(first.pid(), SIGHUP);
     EXPECT_TRUE(first.wait_for_output("Reloaded")) << first.output();
 

@@ -1,0 +1,1563 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+// The REST API over the wire: the real qmachined on a temp unix socket (and loopback TCP) with real
+// QEMU, driven by curl and a Beast client. Every route and its statuses; bad input, each answered
+// with its problem and nothing changed afterwards (machines, state files, the daemon's descriptors
+// and children); limits (body, header, slow clients, connections); tokens; shutdown.
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+
+#include "libmachine/asio.hpp"
+#include "libmachine/json.hpp"
+#include "tests/rest/daemon_fixture.hpp"
+#include "tests/rest/http_client.hpp"
+#include "tests/support/daemon_process.hpp"
+#include "tests/support/loop.hpp"
+#include "tests/support/qemu_process.hpp"
+
+namespace qm::test {
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+// A machine that starts in milliseconds and stops at once (quit: -machine none has nothing that
+// would answer the power button).
+std::string quick_spec(const std::string& extra = {})
+{
+    return fmt::format(R"({{"binary": {}, "machine": "none", "console": {{"enabled": false}},
+        "shutdown": {{"mode": "quit", "timeout_s": 10}}{}}})",
+                       json::quote(QemuProcess::binary()), extra);
+}
+
+std::string create_body(const std::string& name, const std::string& spec = quick_spec())
+{
+    return fmt::format(R"({{"name": {}, "spec": {}}})", json::quote(name), spec);
+}
+
+// What "nothing changed" compares.
+struct Snapshot
+{
+    std::string machines; // GET /v1/machines
+    std::map<std::string, std::string> state_files;
+    std::size_t fds = 0;
+    std::vector<pid_t> children;
+};
+
+class RestTest : public DaemonFixture
+{
+protected:
+    void SetUp() override
+    {
+        DaemonFixture::SetUp();
+        if (HasFatalFailure()) {
+            return;
+        }
+        if (auto why = QemuProcess::unavailable_reason()) {
+            GTEST_SKIP() << "no QEMU: " << *why;
+        }
+        if (start_in_set_up_) {
+            ASSERT_NO_FATAL_FAILURE(start_daemon(args_));
+            ASSERT_NO_FATAL_FAILURE(wait_version_probe());
+        }
+    }
+
+    // The daemon asks QEMU for its version once it serves (a child process and a pipe for a
+    // moment): snapshots are taken after that.
+    void wait_version_probe()
+    {
+        HttpResponse version;
+        ASSERT_TRUE(eventually(
+            [&] {
+                version = call("GET", "/v1/version");
+                const json::Document d = version.json();
+                const json::Value* q = json::find(d, "qemu");
+                return q != nullptr && q->IsObject();
+            },
+            10s))
+            << version;
+        ASSERT_TRUE(eventually([&] { return children_of(daemon_pid()).empty(); }, 10s));
+    }
+
+    // One exchange on a new connection, closed afterwards.
+    HttpResponse call(const std::string& method, const std::string& target, std::string body = {},
+                      const Headers& headers = {})
+    {
+        HttpConnection c(ioc_, socket_path());
+        EXPECT_FALSE(c.error()) << c.error().message();
+        HttpResponse r = c.request(method, target, std::move(body), headers);
+        EXPECT_NE(r.status, 0) << method << " " << target << ": " << c.error().message();
+        c.close();
+        return r;
+    }
+
+    // curl on the unix socket: `args` go before the URL.
+    CurlResult curl(const std::string& method, const std::string& target,
+                    std::vector<std::string> args = {})
+    {
+        std::vector<std::string> all{"--unix-socket", socket_path().string(), "-X", method};
+        all.insert(all.end(), args.begin(), args.end());
+        all.push_back("http://localhost" + target);
+        CurlResult r = run_curl(all);
+        EXPECT_EQ(r.status, 0) << "curl " << method << " " << target << ": " << r.err;
+        return r;
+    }
+    // curl with a JSON body.
+    CurlResult curl_json(const std::string& method, const std::string& target,
+                         const std::string& body)
+    {
+        return curl(method, target,
+                    {"-H", "Content-Type: application/json", "--data-binary", body});
+    }
+
+    HttpResponse create(const std::string& name, const std::string& spec = quick_spec())
+    {
+        HttpResponse r = call("POST", "/v1/machines", create_body(name, spec));
+        EXPECT_EQ(r.status, 201) << r;
+        return r;
+    }
+
+    HttpResponse action(const std::string& name, const std::string& verb, std::string body = {})
+    {
+        return call("POST", "/v1/machines/" + name + "/" + verb, std::move(body));
+    }
+
+    // Creates and starts a quick machine; its pid.
+    pid_t running_machine(const std::string& name, const std::string& spec = quick_spec())
+    {
+        create(name, spec);
+        HttpResponse r = action(name, "start");
+        EXPECT_EQ(r.status, 200) << r;
+        EXPECT_EQ(r.str("state"), "running") << r;
+        const auto pid = json::get_int(r.json(), "pid");
+        EXPECT_TRUE(pid.has_value()) << r;
+        return static_cast<pid_t>(pid.value_or(-1));
+    }
+
+    // A spec whose stop waits `timeout_s` for the guest: powerdown, and under -machine none
+    // nothing answers the power button.
+    static std::string slow_stop_spec(int timeout_s)
+    {
+        return fmt::format(R"({{"machine": "none", "console": {{"enabled": false}},
+            "shutdown": {{"mode": "powerdown", "timeout_s": {}}}}})",
+                           timeout_s);
+    }
+
+    // Asks for `name`'s stop on a connection of its own and returns once the machine is
+    // stopping (nullptr if it does not get there); the answer comes later (done(), take()).
+    std::unique_ptr<HttpConnection> stop_in_background(const std::string& name)
+    {
+        auto c = std::make_unique<HttpConnection>(ioc_, socket_path());
+        c->start(HttpConnection::make_request("POST", "/v1/machines/" + name + "/stop"));
+        // call() runs the loop, which sends the stop.
+        const bool stopping = eventually(
+            [&] { return call("GET", "/v1/machines/" + name).str("state") == "stopping"; }, 5s);
+        return stopping ? std::move(c) : nullptr;
+    }
+
+    // The daemon's descriptors once it holds no REST connection.
+    std::size_t quiet_fd_count()
+    {
+        EXPECT_TRUE(eventually([&] { return unix_connections(socket_path()) == 0; }, 10s))
+            << unix_connections(socket_path()) << " REST connections still open";
+        return fd_count(daemon_pid());
+    }
+
+    Snapshot snapshot()
+    {
+        Snapshot s;
+        HttpResponse r = call("GET", "/v1/machines");
+        EXPECT_EQ(r.status, 200) << r;
+        s.machines = r.body;
+        std::error_code ec;
+        for (const auto& e : fs::recursive_directory_iterator(state_, ec)) {
+            if (e.is_regular_file()) {
+                s.state_files[e.path().lexically_relative(state_).string()] =
+                    read_whole_file(e.path());
+            }
+        }
+        s.fds = quiet_fd_count();
+        s.children = children_of(daemon_pid());
+        return s;
+    }
+
+    // Everything as in `before`: the machines, the state files, the daemon's descriptors (its
+    // connections closed) and children.
+    void expect_unchanged(const Snapshot& before)
+    {
+        const Snapshot now = snapshot();
+        EXPECT_EQ(now.machines, before.machines);
+        EXPECT_EQ(now.state_files, before.state_files);
+        EXPECT_EQ(now.fds, before.fds) << "the daemon's descriptors changed";
+        EXPECT_EQ(now.children, before.children) << "the daemon's children changed";
+    }
+
+    asio::io_context ioc_{1};
+    std::vector<std::string> args_;
+    bool start_in_set_up_ = true;
+};
+
+void expect_problem(const HttpResponse& r, int status, const std::string& type,
+                    const std::string& field = {})
+{
+    EXPECT_EQ(r.status, status) << r;
+    EXPECT_EQ(r.header("Content-Type"), "application/problem+json") << r;
+    EXPECT_EQ(r.problem(), type) << r;
+    const json::Document d = r.json();
+    EXPECT_EQ(json::get_int(d, "status"), status) << r;
+    EXPECT_TRUE(json::get_string(d, "title").has_value()) << r;
+    EXPECT_TRUE(json::get_string(d, "detail").has_value()) << r;
+    if (!field.empty()) {
+        EXPECT_EQ(r.str("field"), field) << r;
+    }
+}
+
+bool is_null(const HttpResponse& r, std::string_view key)
+{
+    const json::Document d = r.json();
+    const json::Value* v = json::find(d, key);
+    return v != nullptr && v->IsNull();
+}
+
+std::string stop_reason_kind(const HttpResponse& r)
+{
+    const json::Document d = r.json();
+    const json::Value* reason = json::find(d, "stop_reason");
+    if (reason == nullptr || !reason->IsObject()) {
+        return {};
+    }
+    return std::string(json::get_string(*reason, "kind").value_or(""));
+}
+
+std::int64_t spec_int(const HttpResponse& r, std::string_view key)
+{
+    const json::Document d = r.json();
+    const json::Value* spec = json::find(d, "spec");
+    return spec == nullptr ? -1 : json::get_int(*spec, key).value_or(-1);
+}
+
+bool alive(pid_t pid)
+{
+    return ::kill(pid, 0) == 0;
+}
+
+// ---- routes ---------------------------------------------------------------------------------
+
+TEST_F(RestTest, SocketIsPrivateVersionAndHealthAnswer)
+{
+    struct stat st
+    {
+    };
+    ASSERT_EQ(::stat(socket_path().c_str(), &st), 0);
+    EXPECT_TRUE(S_ISSOCK(st.st_mode));
+    EXPECT_EQ(st.st_mode & 0777, 0660U);
+
+    // SetUp waited for the QEMU version probe (null until it is done).
+    const HttpResponse version = call("GET", "/v1/version");
+    EXPECT_EQ(version.status, 200);
+    EXPECT_EQ(version.header("Content-Type"), "application/json");
+    EXPECT_EQ(version.str("qmachined"), "0.1.0");
+    EXPECT_EQ(version.str("api"), "v1");
+    {
+        const json::Document d = version.json();
+        EXPECT_STREQ(d["qemu"]["binary"].GetString(), "qemu-system-x86_64");
+        EXPECT_NE(std::string(d["qemu"]["version"].GetString()).find('.'), std::string::npos)
+            << version;
+        EXPECT_TRUE(std::string(d["qemu"]["text"].GetString()).starts_with("QEMU emulator version"))
+            << version;
+    }
+
+    const HttpResponse health = call("GET", "/v1/health");
+    EXPECT_EQ(health.status, 200) << health;
+    EXPECT_EQ(health.str("status"), "ok");
+    EXPECT_EQ(json::get_int(health.json(), "machines"), 0);
+
+    // The same with curl.
+    const CurlResult c = curl("GET", "/v1/health");
+    EXPECT_EQ(c.response.status, 200) << c.response;
+    EXPECT_EQ(c.response.str("status"), "ok");
+    EXPECT_EQ(c.response.header("Content-Type"), "application/json");
+}
+
+TEST_F(RestTest, CreateGetListAndExists)
+{
+    // curl creates: 201, Location, ETag, the machine with its defaults filled.
+    const CurlResult made = curl_json("POST", "/v1/machines", create_body("vm1"));
+    const HttpResponse& r = made.response;
+    ASSERT_EQ(r.status, 201) << r;
+    EXPECT_EQ(r.header("Location"), "/v1/machines/vm1");
+    EXPECT_EQ(r.header("ETag"), "\"1\"");
+    EXPECT_EQ(r.header("Content-Type"), "application/json");
+    EXPECT_EQ(r.str("name"), "vm1");
+    EXPECT_EQ(r.str("state"), "defined");
+    EXPECT_EQ(json::get_int(r.json(), "generation"), 1);
+    EXPECT_TRUE(is_null(r, "pid")) << r;
+    EXPECT_TRUE(is_null(r, "stop_reason")) << r;
+    EXPECT_EQ(spec_int(r, "cpus"), 1) << r;
+    EXPECT_EQ(r.str("uuid").size(), 36U) << r;
+    EXPECT_TRUE(fs::exists(state_ / "vm1.json"));
+
+    // Beast creates another; the spec is optional (every default).
+    HttpResponse vm0 = call("POST", "/v1/machines", R"({"name": "vm0"})");
+    ASSERT_EQ(vm0.status, 201) << vm0;
+    EXPECT_EQ(vm0.header("Location"), "/v1/machines/vm0");
+    {
+        const json::Document d = vm0.json();
+        EXPECT_STREQ(d["spec"]["shutdown"]["mode"].GetString(), "powerdown");
+        EXPECT_EQ(d["spec"]["shutdown"]["timeout_s"].GetInt(), 30);
+    }
+
+    const HttpResponse got = call("GET", "/v1/machines/vm1");
+    EXPECT_EQ(got.status, 200) << got;
+    EXPECT_EQ(got.header("ETag"), "\"1\"");
+    EXPECT_EQ(got.str("uuid"), r.str("uuid"));
+    EXPECT_EQ(got.str("state"), "defined");
+
+    const CurlResult list = curl("GET", "/v1/machines");
+    ASSERT_EQ(list.response.status, 200) << list.response;
+    {
+        const json::Document d = list.response.json();
+        ASSERT_TRUE(d.IsObject() && d.HasMember("machines") && d["machines"].IsArray())
+            << list.response;
+        ASSERT_EQ(d["machines"].Size(), 2U);
+        EXPECT_STREQ(d["machines"][0]["name"].GetString(), "vm0"); // sorted by name
+        EXPECT_STREQ(d["machines"][1]["name"].GetString(), "vm1");
+    }
+
+    // An existing name: 409 Exists, whatever the spec; nothing changed.
+    const Snapshot before = snapshot();
+    expect_problem(call("POST", "/v1/machines", create_body("vm1", R"({"cpus": 2})")), 409,
+                   "Exists");
+    expect_problem(curl_json("POST", "/v1/machines", create_body("vm0")).response, 409, "Exists");
+    expect_problem(call("GET", "/v1/machines/nope"), 404, "NoSuchMachine");
+    expect_unchanged(before);
+}
+
+TEST_F(RestTest, ActionsAnswerWithTheResultingState)
+{
+    const pid_t first = running_machine("vm");
+    ASSERT_GT(first, 0);
+    EXPECT_EQ(children_of(daemon_pid()), std::vector<pid_t>{first});
+    {
+        const HttpResponse got = call("GET", "/v1/machines/vm");
+        EXPECT_EQ(got.str("state"), "running");
+        EXPECT_EQ(got.str("qemu_status"), "running");
+    }
+
+    HttpResponse r = action("vm", "pause");
+    EXPECT_EQ(r.status, 200) << r;
+    EXPECT_EQ(r.str("state"), "paused") << r;
+    EXPECT_EQ(r.str("qemu_status"), "paused") << r;
+    r = action("vm", "resume", "{}");
+    EXPECT_EQ(r.status, 200) << r;
+    EXPECT_EQ(r.str("state"), "running") << r;
+
+    // Restart: a new QEMU, the old one gone.
+    r = action("vm", "restart");
+    ASSERT_EQ(r.status, 200) << r;
+    EXPECT_EQ(r.str("state"), "running") << r;
+    const auto second = static_cast<pid_t>(json::get_int(r.json(), "pid").value_or(-1));
+    EXPECT_GT(second, 0);
+    EXPECT_NE(second, first);
+    EXPECT_TRUE(eventually([&] { return !alive(first); }, 10s));
+    EXPECT_EQ(children_of(daemon_pid()), std::vector<pid_t>{second});
+
+    // Stop (curl): answered once QEMU has exited, with the reason.
+    const CurlResult stopped = curl("POST", "/v1/machines/vm/stop");
+    r = stopped.response;
+    EXPECT_EQ(r.status, 200) << r;
+    EXPECT_EQ(r.str("state"), "stopped") << r;
+    EXPECT_TRUE(is_null(r, "pid")) << r;
+    EXPECT_EQ(stop_reason_kind(r), "host-quit") << r;
+    EXPECT_EQ(json::get_int(r.json(), "exit_code"), 0) << r;
+    EXPECT_FALSE(alive(second));
+    EXPECT_EQ(children_of(daemon_pid()), std::vector<pid_t>{});
+
+    // Kill (a body of {} is fine too).
+    const pid_t third =
+        static_cast<pid_t>(json::get_int(action("vm", "start").json(), "pid").value_or(-1));
+    ASSERT_GT(third, 0);
+    r = action("vm", "kill", "{}");
+    EXPECT_EQ(r.status, 200) << r;
+    EXPECT_EQ(r.str("state"), "stopped") << r;
+    EXPECT_EQ(stop_reason_kind(r), "host-kill") << r;
+    EXPECT_FALSE(alive(third));
+
+    // Stop's body: a mode and a timeout.
+    ASSERT_EQ(action("vm", "start").status, 200);
+    r = action("vm", "stop", R"({"mode": "quit", "timeout_s": 5})");
+    EXPECT_EQ(r.status, 200) << r;
+    EXPECT_EQ(r.str("state"), "stopped") << r;
+    EXPECT_EQ(stop_reason_kind(r), "host-quit") << r;
+}
+
+TEST_F(RestTest, ActionsInEffectAreNoopsAndConflictsAre409)
+{
+    // proto/states.md: an action already in effect succeeds at once and changes nothing.
+    auto expect_noops = [&](std::initializer_list<const char*> verbs, const std::string& state) {
+        const Snapshot before = snapshot();
+        for (const char* verb : verbs) {
+            const HttpResponse r = action("vm", verb);
+            EXPECT_EQ(r.status, 200) << verb << ": " << r;
+            EXPECT_EQ(r.str("state"), state) << verb << ": " << r;
+        }
+        expect_unchanged(before);
+    };
+    running_machine("vm");
+    expect_noops({"start", "resume"}, "running");
+    ASSERT_EQ(action("vm", "pause").str("state"), "paused");
+    expect_noops({"pause", "start"}, "paused");
+    ASSERT_EQ(action("vm", "stop").str("state"), "stopped");
+    expect_noops({"stop", "kill"}, "stopped");
+
+    const Snapshot before = snapshot();
+    // Without a process: pause, resume and QMP conflict; unknown machines are 404.
+    expect_problem(action("vm", "pause"), 409, "StateConflict");
+    expect_problem(action("vm", "resume"), 409, "StateConflict");
+    expect_problem(call("POST", "/v1/machines/vm/qmp", R"({"execute": "query-status"})"), 409,
+                   "StateConflict");
+    for (const char* verb : {"start", "stop", "kill", "pause", "resume", "restart"}) {
+        expect_problem(action("nope", verb), 404, "NoSuchMachine");
+    }
+    expect_unchanged(before);
+
+    // While a stop waits for the guest, other operations conflict; kill preempts it.
+    running_machine("slow", slow_stop_spec(20));
+    const auto stopper = stop_in_background("slow");
+    ASSERT_TRUE(stopper);
+    for (const char* verb : {"start", "pause", "resume", "restart"}) {
+        const HttpResponse r = action("slow", verb);
+        expect_problem(r, 409, "StateConflict");
+        EXPECT_NE(r.str("detail").find("stop"), std::string::npos) << r;
+    }
+    expect_problem(call("PUT", "/v1/machines/slow/spec", quick_spec()), 409, "StateConflict");
+    expect_problem(call("DELETE", "/v1/machines/slow"), 409, "StateConflict");
+    EXPECT_FALSE(stopper->done());
+    const auto t0 = Clock::now();
+    const HttpResponse killed = action("slow", "kill");
+    EXPECT_EQ(killed.status, 200) << killed;
+    EXPECT_EQ(killed.str("state"), "stopped") << killed;
+    EXPECT_EQ(stop_reason_kind(killed), "host-kill") << killed;
+    // The preempted stop is answered too, at once.
+    ASSERT_TRUE(run_until(
+        ioc_, [&] { return stopper->done(); }, 5s));
+    const HttpResponse preempted = stopper->take();
+    EXPECT_EQ(preempted.status, 200) << preempted;
+    EXPECT_EQ(preempted.str("state"), "stopped") << preempted;
+    EXPECT_EQ(stop_reason_kind(preempted), "host-kill") << preempted;
+    EXPECT_LT(Clock::now() - t0, 5s);
+    EXPECT_EQ(call("GET", "/v1/machines/slow").str("state"), "stopped");
+    stopper->close();
+}
+
+TEST_F(RestTest, BadActionBodiesChangeNothing)
+{
+    running_machine("vm");
+    const Snapshot before = snapshot();
+    expect_problem(action("vm", "stop", R"({"mode": "gently"})"), 400, "InvalidArgument", "mode");
+    expect_problem(action("vm", "stop", R"({"mode": 1})"), 400, "InvalidArgument", "mode");
+    expect_problem(action("vm", "stop", R"({"timeout_s": "5"})"), 400, "InvalidArgument",
+                   "timeout_s");
+    expect_problem(action("vm", "stop", R"({"timeout_s": -1})"), 400, "InvalidArgument",
+                   "timeout_s");
+    expect_problem(action("vm", "stop", R"({"timeout_s": 86401})"), 400, "InvalidArgument",
+                   "timeout_s");
+    expect_problem(action("vm", "stop", R"({"force": true})"), 400, "InvalidArgument", "force");
+    expect_problem(action("vm", "stop", R"({"mode": "quit")"), 400, "InvalidArgument");
+    expect_problem(action("vm", "pause", R"({"now": true})"), 400, "InvalidArgument", "now");
+    expect_problem(action("vm", "kill", "[]"), 400, "InvalidArgument");
+    expect_problem(action("vm", "restart", "null"), 400, "InvalidArgument");
+    expect_problem(curl("POST", "/v1/machines/vm/kill", {"-d", "{}"}).response, 415,
+                   "UnsupportedMediaType");
+    expect_unchanged(before);
+}
+
+TEST_F(RestTest, QmpPassthroughAndQmpErrors)
+{
+    running_machine("vm");
+    HttpResponse r = call("POST", "/v1/machines/vm/qmp", R"({"execute": "query-status"})");
+    ASSERT_EQ(r.status, 200) << r;
+    {
+        const json::Document d = r.json();
+        ASSERT_TRUE(d.IsObject() && d.HasMember("return")) << r;
+        EXPECT_STREQ(d["return"]["status"].GetString(), "running");
+        EXPECT_TRUE(d.HasMember("event_seq") && d["event_seq"].IsUint64()) << r;
+    }
+    // With arguments and a timeout, through curl.
+    const CurlResult hmp = curl_json(
+        "POST", "/v1/machines/vm/qmp",
+        R"({"execute": "human-monitor-command", "arguments": {"command-line": "info version"},
+            "timeout_s": 5})");
+    ASSERT_EQ(hmp.response.status, 200) << hmp.response;
+    {
+        const json::Document d = hmp.response.json();
+        ASSERT_TRUE(d.IsObject() && d.HasMember("return") && d["return"].IsString())
+            << hmp.response;
+        EXPECT_NE(std::string(d["return"].GetString()).find("7.2"), std::string::npos);
+    }
+
+    // QEMU's error: 422 with its class and description.
+    const Snapshot before = snapshot();
+    r = call("POST", "/v1/machines/vm/qmp", R"({"execute": "no-such-command"})");
+    expect_problem(r, 422, "QmpError");
+    EXPECT_EQ(r.str("class"), "CommandNotFound") << r;
+    EXPECT_NE(r.str("desc").find("no-such-command"), std::string::npos) << r;
+    r = call("POST", "/v1/machines/vm/qmp",
+             R"({"execute": "human-monitor-command", "arguments": {"frob": 1}})");
+    expect_problem(r, 422, "QmpError");
+    EXPECT_EQ(r.str("class"), "GenericError") << r;
+
+    // Bad requests never reach QEMU.
+    const std::string qmp = "/v1/machines/vm/qmp";
+    expect_problem(call("POST", qmp, "{}"), 400, "InvalidArgument", "execute");
+    expect_problem(call("POST", qmp), 400, "InvalidArgument", "execute");
+    expect_problem(call("POST", qmp, R"({"execute": 5})"), 400, "InvalidArgument", "execute");
+    expect_problem(call("POST", qmp, R"({"execute": ""})"), 400, "InvalidArgument", "execute");
+    expect_problem(call("POST", qmp, fmt::format(R"({{"execute": "{}"}})", std::string(129, 'q'))),
+                   400, "InvalidArgument", "execute");
+    expect_problem(call("POST", qmp, R"({"execute": "query-status", "arguments": [1]})"), 400,
+                   "InvalidArgument", "arguments");
+    expect_problem(call("POST", qmp, R"({"execute": "query-status", "timeout_s": 0})"), 400,
+                   "InvalidArgument", "timeout_s");
+    expect_problem(call("POST", qmp, R"({"execute": "query-status", "timeout_s": 3601})"), 400,
+                   "InvalidArgument", "timeout_s");
+    expect_problem(call("POST", qmp, R"({"execute": "query-status", "id": 1})"), 400,
+                   "InvalidArgument", "id");
+    expect_problem(call("POST", "/v1/machines/nope/qmp", R"({"execute": "query-status"})"), 404,
+                   "NoSuchMachine");
+    expect_unchanged(before);
+
+    // No process: 409.
+    ASSERT_EQ(action("vm", "stop").status, 200);
+    expect_problem(call("POST", qmp, R"({"execute": "query-status"})"), 409, "StateConflict");
+}
+
+TEST_F(RestTest, PutSpecNeedsTheGenerationAndAStoppedMachine)
+{
+    create("vm");
+    const std::string target = "/v1/machines/vm/spec";
+    HttpResponse r =
+        call("PUT", target, quick_spec(R"(, "memory_mib": 64)"), {{"If-Match", "\"1\""}});
+    ASSERT_EQ(r.status, 200) << r;
+    EXPECT_EQ(json::get_int(r.json(), "generation"), 2) << r;
+    EXPECT_EQ(r.header("ETag"), "\"2\"");
+    EXPECT_EQ(spec_int(r, "memory_mib"), 64) << r;
+    {
+        // Written to the state directory.
+        auto stored = json::parse(read_whole_file(state_ / "vm.json"));
+        ASSERT_TRUE(stored);
+        EXPECT_EQ(json::get_int(*stored, "generation"), 2);
+        const json::Value* spec = json::find(*stored, "spec");
+        ASSERT_NE(spec, nullptr);
+        EXPECT_EQ(json::get_int(*spec, "memory_mib"), 64);
+    }
+
+    // Bare digits (curl users type them).
+    const CurlResult bare = curl("PUT", target,
+                                 {"-H", "Content-Type: application/json", "-H", "If-Match: 2",
+                                  "--data-binary", quick_spec(R"(, "memory_mib": 96)")});
+    ASSERT_EQ(bare.response.status, 200) << bare.response;
+    EXPECT_EQ(json::get_int(bare.response.json(), "generation"), 3);
+
+    // A stale or malformed generation, a bad spec: nothing changes.
+    Snapshot before = snapshot();
+    expect_problem(
+        call("PUT", target, quick_spec(R"(, "memory_mib": 128)"), {{"If-Match", "\"2\""}}), 412,
+        "StaleGeneration");
+    expect_problem(
+        call("PUT", target, quick_spec(R"(, "memory_mib": 128)"), {{"If-Match", "\"9\""}}), 412,
+        "StaleGeneration");
+    // RFC 9110 13.1.1: If-Match compares strongly; a weak tag never matches.
+    expect_problem(call("PUT", target, quick_spec(), {{"If-Match", "W/\"3\""}}), 412,
+                   "StaleGeneration");
+    expect_problem(call("PUT", target, quick_spec(), {{"If-Match", "\"abc\""}}), 400,
+                   "InvalidArgument");
+    expect_problem(call("PUT", target, R"({"cpus": "two"})", {{"If-Match", "\"3\""}}), 400,
+                   "InvalidArgument", "spec.cpus");
+    expect_problem(call("PUT", target, R"({"console": {"frob": 1}})"), 400, "InvalidArgument",
+                   "spec.console.frob");
+    expect_problem(call("PUT", target, R"({"args": ["-m", "-qmp"]})"), 400, "InvalidArgument",
+                   "spec.args[1]");
+    expect_problem(call("PUT", target, "[]"), 400, "InvalidArgument");
+    expect_problem(call("PUT", target), 400, "InvalidArgument");
+    expect_problem(call("PUT", target, "{\"cpus\": "), 400, "InvalidArgument");
+    expect_problem(call("PUT", "/v1/machines/nope/spec", quick_spec()), 404, "NoSuchMachine");
+    expect_unchanged(before);
+
+    // While it runs: 409, with or without If-Match.
+    ASSERT_EQ(action("vm", "start").status, 200);
+    before = snapshot();
+    expect_problem(call("PUT", target, quick_spec(), {{"If-Match", "\"3\""}}), 409,
+                   "StateConflict");
+    expect_problem(call("PUT", target, quick_spec(), {{"If-Match", "*"}}), 409, "StateConflict");
+    expect_unchanged(before);
+}
+
+TEST_F(RestTest, DeleteNeedsForceWhileRunning)
+{
+    const pid_t pid = running_machine("vm");
+    create("idle");
+    Snapshot before = snapshot();
+    expect_problem(call("DELETE", "/v1/machines/vm"), 409, "StateConflict");
+    expect_problem(call("DELETE", "/v1/machines/vm?force=false"), 409, "StateConflict");
+    expect_problem(call("DELETE", "/v1/machines/vm?force=maybe"), 400, "InvalidArgument", "force");
+    expect_problem(call("DELETE", "/v1/machines/vm?force=true&force=true"), 400, "InvalidArgument",
+                   "force");
+    expect_problem(call("DELETE", "/v1/machines/nope?force=true"), 404, "NoSuchMachine");
+    expect_unchanged(before);
+    EXPECT_TRUE(alive(pid));
+
+    // Forced: 204, no body; QEMU gone with the definition.
+    const CurlResult forced = curl("DELETE", "/v1/machines/vm?force=true");
+    EXPECT_EQ(forced.response.status, 204) << forced.response;
+    EXPECT_EQ(forced.response.body, "");
+    EXPECT_FALSE(forced.response.has_header("Content-Length")) << forced.response;
+    EXPECT_TRUE(eventually([&] { return !alive(pid); }, 10s));
+    EXPECT_FALSE(fs::exists(state_ / "vm.json"));
+    expect_problem(call("GET", "/v1/machines/vm"), 404, "NoSuchMachine");
+
+    // A machine without a process needs no force.
+    const HttpResponse r = call("DELETE", "/v1/machines/idle");
+    EXPECT_EQ(r.status, 204) << r;
+    EXPECT_EQ(r.body, "");
+    EXPECT_FALSE(fs::exists(state_ / "idle.json"));
+    const HttpResponse list = call("GET", "/v1/machines");
+    EXPECT_EQ(list.body, R"({"machines":[]})");
+    EXPECT_EQ(children_of(daemon_pid()), std::vector<pid_t>{});
+}
+
+TEST_F(RestTest, LogAndConsoleLogWithTail)
+{
+    // QEMU traces each QMP command it runs on stderr: its log grows a line per command.
+    running_machine("vm", quick_spec(R"(, "args": ["-trace", "monitor_qmp_cmd_in_band"])"));
+    for (int i = 0; i < 3; ++i) {
+        ASSERT_EQ(call("POST", "/v1/machines/vm/qmp", R"({"execute": "query-status"})").status,
+                  200);
+    }
+    const HttpResponse all = call("GET", "/v1/machines/vm/log");
+    ASSERT_EQ(all.status, 200) << all;
+    EXPECT_EQ(all.header("Content-Type"), "text/plain; charset=utf-8");
+    const auto lines = std::count(all.body.begin(), all.body.end(), '\n');
+    EXPECT_GE(lines, 4) << all.body;
+
+    const CurlResult two = curl("GET", "/v1/machines/vm/log?tail=2");
+    ASSERT_EQ(two.response.status, 200) << two.response;
+    EXPECT_EQ(std::count(two.response.body.begin(), two.response.body.end(), '\n'), 2)
+        << two.response.body;
+    EXPECT_TRUE(all.body.ends_with(two.response.body));
+    EXPECT_TRUE(two.response.body.starts_with("monitor_qmp_cmd_in_band")) << two.response.body;
+    EXPECT_EQ(call("GET", "/v1/machines/vm/log?tail=0").body, "");
+    EXPECT_EQ(call("GET", "/v1/machines/vm/log?tail=1000000").body, all.body);
+
+    // The console log: the console is off, so it is empty, with or without tail.
+    HttpResponse console = call("GET", "/v1/machines/vm/console/log?tail=5");
+    EXPECT_EQ(console.status, 200) << console;
+    EXPECT_EQ(console.header("Content-Type"), "text/plain; charset=utf-8");
+    EXPECT_EQ(console.body, "");
+    console = curl("GET", "/v1/machines/vm/console/log").response;
+    EXPECT_EQ(console.status, 200) << console;
+
+    const Snapshot before = snapshot();
+    for (const char* bad : {"-1", "x", "1000001", "", "1.5", "99999999999999999999999"}) {
+        expect_problem(call("GET", std::string("/v1/machines/vm/log?tail=") + bad), 400,
+                       "InvalidArgument", "tail");
+        expect_problem(call("GET", std::string("/v1/machines/vm/console/log?tail=") + bad), 400,
+                       "InvalidArgument", "tail");
+    }
+    expect_problem(call("GET", "/v1/machines/vm/log?lines=3"), 400, "InvalidArgument", "lines");
+    expect_problem(call("GET", "/v1/machines/nope/log"), 404, "NoSuchMachine");
+    expect_problem(call("GET", "/v1/machines/nope/console/log"), 404, "NoSuchMachine");
+    expect_unchanged(before);
+}
+
+// ---- bad input ------------------------------------------------------------------------------
+
+TEST_F(RestTest, BadCreateBodiesChangeNothing)
+{
+    create("vm");
+    const Snapshot before = snapshot();
+    struct Case
+    {
+        std::string body;
+        std::string field; // "" when the problem names none
+    };
+    const std::vector<Case> cases{
+        {R"({"name": "x",)", ""},                            // malformed
+        {R"({"name": "x"} {})", ""},                         // trailing data
+        {"\xff\xfe", ""},                                    // not UTF-8 JSON at all
+        {R"([{"name": "x"}])", ""},                          // not an object
+        {R"("x")", ""},                                      //
+        {std::string(200, '[') + std::string(200, ']'), ""}, // deeper than the parser allows
+        {R"({"spec": {}})", "name"},                         // missing name
+        {R"({"name": 5})", "name"},                          // wrong types
+        {R"({"name": null})", "name"},                       //
+        {R"({"name": ["x"]})", "name"},                      //
+        {R"({"name": "x", "spec": []})", "spec"},            //
+        {R"({"name": "x", "spec": "none"})", "spec"},        //
+        {R"({"name": "x", "spec": {"cpus": "two"}})", "spec.cpus"},
+        {R"({"name": "x", "spec": {"cpus": 0}})", "spec.cpus"},
+        {R"({"name": "x", "spec": {"console": {"enabled": 1}}})", "spec.console.enabled"},
+        {R"({"name": "x", "frob": 1})", "frob"}, // unknown fields
+        {R"({"name": "x", "spec": {"frob": 1}})", "spec.frob"},
+        {R"({"name": "x", "spec": {"console": {"frob": 1}}})", "spec.console.frob"},
+        {R"({"name": "x", "spec": {"args": ["-m", "-qmp"]}})", "spec.args[1]"},
+        {R"({"name": ""})", "name"}, // bad names
+        {R"({"name": "a/b"})", "name"},
+        {R"({"name": ".."})", "name"},
+        {R"({"name": "."})", "name"},
+        {R"({"name": "-x"})", "name"},
+        {R"({"name": "a\u0000b"})", "name"},
+        {R"({"name": "a b"})", "name"},
+        {R"({"name": "vm\n"})", "name"},
+        {R"({"name": "\u00e9t\u00e9"})", "name"},
+        {fmt::format(R"({{"name": "{}"}})", std::string(65, 'a')), "name"},
+    };
+    for (const auto& c : cases) {
+        SCOPED_TRACE(c.body.substr(0, 80));
+        expect_problem(call("POST", "/v1/machines", c.body), 400, "InvalidArgument", c.field);
+    }
+    // A few through curl too.
+    expect_problem(curl_json("POST", "/v1/machines", R"({"name": "x",)").response, 400,
+                   "InvalidArgument");
+    expect_problem(curl_json("POST", "/v1/machines", R"({"name": "x", "frob": 1})").response, 400,
+                   "InvalidArgument", "frob");
+    expect_problem(curl_json("POST", "/v1/machines", R"({"spec": {}})").response, 400,
+                   "InvalidArgument", "name");
+    expect_unchanged(before);
+
+    // 64 characters are fine.
+    create(std::string(64, 'a'));
+}
+
+TEST_F(RestTest, BadNamesInThePathChangeNothing)
+{
+    running_machine("vm");
+    const Snapshot before = snapshot();
+    const std::vector<std::string> names{
+        "a%2Fb", "%2F", "..",    "%2e%2e", "%2E%2E", ".",   "%2e",   "..%2F..",
+        "a%00b", "%00", "vm%00", "a%20b",  "%C3%A9", "-vm", "vm%0A", std::string(65, 'a')};
+    for (const auto& name : names) {
+        SCOPED_TRACE(name);
+        const std::string base = "/v1/machines/" + name;
+        expect_problem(call("GET", base), 400, "InvalidArgument", "name");
+        expect_problem(call("DELETE", base + "?force=true"), 400, "InvalidArgument", "name");
+        expect_problem(call("PUT", base + "/spec", quick_spec()), 400, "InvalidArgument", "name");
+        expect_problem(call("GET", base + "/log"), 400, "InvalidArgument", "name");
+        expect_problem(call("GET", base + "/console/log"), 400, "InvalidArgument", "name");
+        for (const char* verb : {"start", "stop", "kill", "pause", "resume", "restart"}) {
+            expect_problem(action(name, verb), 400, "InvalidArgument", "name");
+        }
+        expect_problem(call("POST", base + "/qmp", R"({"execute": "quit"})"), 400,
+                       "InvalidArgument", "name");
+        expect_problem(curl("GET", base).response, 400, "InvalidArgument", "name");
+        expect_problem(curl("POST", base + "/kill").response, 400, "InvalidArgument", "name");
+    }
+    // A raw '/' splits the path: no such route. A malformed escape: 400.
+    expect_problem(call("GET", "/v1/machines/a/b"), 404, "NotFound");
+    expect_problem(call("GET", "/v1/machines/../machines/vm/x"), 404, "NotFound");
+    expect_problem(call("GET", "/v1/machines/vm%2"), 400, "InvalidArgument");
+    expect_problem(call("GET", "/v1/machines/vm%zz"), 400, "InvalidArgument");
+    // 64 characters are a name, just not a known one.
+    expect_problem(call("GET", "/v1/machines/" + std::string(64, 'a')), 404, "NoSuchMachine");
+    expect_unchanged(before);
+    // The escaped name of a real machine is that machine.
+    EXPECT_EQ(call("GET", "/v1/machines/%76%6d").str("name"), "vm");
+}
+
+TEST_F(RestTest, BodiesThatAreNotJsonAre415)
+{
+    create("vm");
+    const Snapshot before = snapshot();
+    const std::string body = create_body("x");
+    expect_problem(call("POST", "/v1/machines", body, {{"Content-Type", "text/plain"}}), 415,
+                   "UnsupportedMediaType");
+    expect_problem(
+        call("POST", "/v1/machines", body, {{"Content-Type", "application/x-www-form-urlencoded"}}),
+        415, "UnsupportedMediaType");
+    expect_problem(call("POST", "/v1/machines", body, {{"Content-Type", "application/jsonx"}}), 415,
+                   "UnsupportedMediaType");
+    {
+        // No Content-Type at all.
+        auto req = HttpConnection::make_request("POST", "/v1/machines", body);
+        req.erase(http::field::content_type);
+        HttpConnection c(ioc_, socket_path());
+        expect_problem(c.send(std::move(req)), 415, "UnsupportedMediaType");
+    }
+    expect_problem(curl("POST", "/v1/machines", {"-d", body}).response, 415,
+                   "UnsupportedMediaType");
+    expect_problem(
+        call("PUT", "/v1/machines/vm/spec", quick_spec(), {{"Content-Type", "text/plain"}}), 415,
+        "UnsupportedMediaType");
+    expect_problem(call("POST", "/v1/machines/vm/qmp", R"({"execute": "query-status"})",
+                        {{"Content-Type", "application/xml"}}),
+                   415, "UnsupportedMediaType");
+    expect_problem(call("POST", "/v1/machines/vm/stop", "{}", {{"Content-Type", "text/json"}}), 415,
+                   "UnsupportedMediaType");
+    expect_unchanged(before);
+
+    // Parameters and case do not matter.
+    const HttpResponse r =
+        call("POST", "/v1/machines", body, {{"Content-Type", "Application/JSON; charset=utf-8"}});
+    EXPECT_EQ(r.status, 201) << r;
+}
+
+TEST_F(RestTest, TenMebibyteBodiesAre413)
+{
+    create("vm");
+    const Snapshot before = snapshot();
+    constexpr std::size_t ten_mib = 10 * 1024 * 1024;
+    const fs::path big = root_ / "big.json";
+    {
+        std::string s = R"({"name": "big", "spec": {"args": [")";
+        s.append(ten_mib - s.size() - 6, 'x');
+        s += "\"]}}";
+        s += "  ";
+        ASSERT_EQ(s.size(), ten_mib);
+        write_whole_file(big, s);
+    }
+    const std::string data = "@" + big.string();
+    const std::vector<std::string> json_type{"-H", "Content-Type: application/json"};
+
+    // curl as it is (it sends "Expect: 100-continue" for a body this large): refused before the
+    // body is sent.
+    auto with = [&](std::vector<std::string> extra) {
+        std::vector<std::string> args = json_type;
+        args.insert(args.end(), extra.begin(), extra.end());
+        args.emplace_back("--data-binary");
+        args.push_back(data);
+        return curl("POST", "/v1/machines", args).response;
+    };
+    HttpResponse r = with({});
+    expect_problem(r, 413, "PayloadTooLarge");
+    EXPECT_EQ(r.header("Connection"), "close");
+    expect_problem(with({"-H", "Expect:"}), 413, "PayloadTooLarge");
+    expect_problem(with({"-H", "Transfer-Encoding: chunked"}), 413, "PayloadTooLarge");
+    expect_problem(with({"-H", "Transfer-Encoding: chunked", "-H", "Expect:"}), 413,
+                   "PayloadTooLarge");
+    expect_problem(curl("PUT", "/v1/machines/vm/spec",
+                        {"-H", "Content-Type: application/json", "--data-binary", data})
+                       .response,
+                   413, "PayloadTooLarge");
+
+    const std::string head = "POST /v1/machines HTTP/1.1\r\nHost: x\r\n"
+                             "Content-Type: application/json\r\n";
+    {
+        // Beast: a Content-Length over the limit is refused at once, with or without Expect,
+        // without waiting for the body.
+        for (const char* expect : {"", "Expect: 100-continue\r\n"}) {
+            HttpConnection c(ioc_, socket_path());
+            ASSERT_FALSE(
+                c.write_raw(fmt::format("{}Content-Length: {}\r\n{}\r\n", head, ten_mib, expect)));
+            const auto t0 = Clock::now();
+            r = c.read_response(5s);
+            expect_problem(r, 413, "PayloadTooLarge");
+            EXPECT_LT(Clock::now() - t0, 2s);
+            EXPECT_TRUE(c.closed_by_peer(5s));
+        }
+    }
+    {
+        // Beast: chunked without a length. The answer comes once the limit is passed, without
+        // waiting for the end of the body; then the connection is closed (after a while of
+        // reading and dropping what the client still sends: RFC 9112 9.6).
+        HttpConnection c(ioc_, socket_path());
+        ASSERT_FALSE(c.write_raw(head + "Transfer-Encoding: chunked\r\n\r\n"));
+        const std::string chunk = fmt::format("10000\r\n{}\r\n", std::string(0x10000, ' '));
+        for (int i = 0; i < 20; ++i) { // 1.25 MiB
+            ASSERT_FALSE(c.write_raw(chunk));
+        }
+        const auto t0 = Clock::now();
+        r = c.read_response(5s);
+        expect_problem(r, 413, "PayloadTooLarge");
+        EXPECT_LT(Clock::now() - t0, 1s);
+        EXPECT_TRUE(c.closed_by_peer(5s));
+    }
+    expect_unchanged(before);
+    // A body just under the limit is read (and refused for what it says).
+    std::string under = R"({"name": "x", "frob": ")";
+    under.append(1024 * 1024 - under.size() - 2, 'y');
+    under += "\"}";
+    expect_problem(call("POST", "/v1/machines", under), 400, "InvalidArgument", "frob");
+    expect_unchanged(before);
+}
+
+TEST_F(RestTest, HeaderFloodsAre431)
+{
+    const Snapshot before = snapshot();
+    auto raw = [&](const std::string& request) {
+        HttpConnection c(ioc_, socket_path());
+        c.write_raw(request); // the server may close before all of it is written
+        HttpResponse r = c.read_response(5s);
+        EXPECT_TRUE(c.closed_by_peer(5s));
+        return r;
+    };
+    std::string many = "GET /v1/health HTTP/1.1\r\nHost: x\r\n";
+    for (int i = 0; i < 2000; ++i) {
+        many += fmt::format("X-Flood-{}: {}\r\n", i, std::string(40, 'v'));
+    }
+    expect_problem(raw(many + "\r\n"), 431, "HeaderFieldsTooLarge");
+    expect_problem(raw("GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Huge: " +
+                       std::string(64 * 1024, 'h') + "\r\n\r\n"),
+                   431, "HeaderFieldsTooLarge");
+    expect_problem(raw("GET /v1/machines/" + std::string(32 * 1024, 'n') + " HTTP/1.1\r\n\r\n"),
+                   431, "HeaderFieldsTooLarge");
+    // Without the end of the header: refused as soon as the limit is passed.
+    expect_problem(raw(many), 431, "HeaderFieldsTooLarge");
+    {
+        std::vector<std::string> args;
+        for (int i = 0; i < 400; ++i) {
+            args.emplace_back("-H");
+            args.push_back(fmt::format("X-Flood-{}: {}", i, std::string(60, 'v')));
+        }
+        expect_problem(curl("GET", "/v1/health", args).response, 431, "HeaderFieldsTooLarge");
+    }
+    expect_unchanged(before);
+
+    // A header well under the limit is fine.
+    Headers some;
+    for (int i = 0; i < 50; ++i) {
+        some.emplace_back(fmt::format("X-Some-{}", i), std::string(100, 's'));
+    }
+    EXPECT_EQ(call("GET", "/v1/health", {}, some).status, 200);
+}
+
+TEST_F(RestTest, UnknownRoutesMethodsAndQueryParameters)
+{
+    create("vm");
+    const Snapshot before = snapshot();
+    for (const char* target :
+         {"/", "/v1", "/v1/", "/v2/machines", "/v1/machine", "/v1/machines/vm/frob",
+          "/v1/machines/vm/console", "/v1/machines/vm/start/now", "/v1/version/x", "/V1/health",
+          "/v1/machines/vm/log/x", "/v1//machines"}) {
+        SCOPED_TRACE(target);
+        expect_problem(call("GET", target), 404, "NotFound");
+        expect_problem(call("POST", target, "{}"), 404, "NotFound");
+    }
+    struct Case
+    {
+        const char* method;
+        const char* target;
+        const char* allow;
+    };
+    for (const Case& c : std::vector<Case>{
+             {"DELETE", "/v1/machines", "GET, POST"},
+             {"PUT", "/v1/machines", "GET, POST"},
+             {"PATCH", "/v1/machines/vm", "GET, DELETE"},
+             {"POST", "/v1/machines/vm", "GET, DELETE"},
+             {"GET", "/v1/machines/vm/start", "POST"},
+             {"DELETE", "/v1/machines/vm/qmp", "POST"},
+             {"POST", "/v1/version", "GET"},
+             {"DELETE", "/v1/health", "GET"},
+             {"GET", "/v1/machines/vm/spec", "PUT"},
+             {"POST", "/v1/machines/vm/log", "GET"},
+             {"OPTIONS", "/v1/machines", "GET, POST"},
+             {"FROB", "/v1/health", "GET"},
+         }) {
+        SCOPED_TRACE(std::string(c.method) + " " + c.target);
+        const HttpResponse r = call(c.method, c.target);
+        expect_problem(r, 405, "MethodNotAllowed");
+        EXPECT_EQ(r.header("Allow"), c.allow);
+    }
+    {
+        // HEAD is not served either (and the answer has no body).
+        const CurlResult head = curl("HEAD", "/v1/health", {"--head"});
+        EXPECT_EQ(head.response.status, 405) << head.response;
+        EXPECT_EQ(head.response.header("Allow"), "GET");
+    }
+    const HttpResponse curl405 = curl("DELETE", "/v1/version").response;
+    expect_problem(curl405, 405, "MethodNotAllowed");
+    EXPECT_EQ(curl405.header("Allow"), "GET");
+
+    for (const char* target : {"/v1/machines?x=1", "/v1/health?verbose", "/v1/version?v=2",
+                               "/v1/machines/vm?tail=1", "/v1/machines/vm/log?force=true"}) {
+        SCOPED_TRACE(target);
+        const HttpResponse r = call("GET", target);
+        expect_problem(r, 400, "InvalidArgument");
+        EXPECT_FALSE(r.str("field").empty()) << r;
+    }
+    expect_problem(call("GET", "/v1/machines?x=1"), 400, "InvalidArgument", "x");
+    expect_problem(call("POST", "/v1/machines/vm/start?force=true"), 400, "InvalidArgument",
+                   "force");
+    expect_problem(call("GET", "/v1/machines?%zz=1"), 400, "InvalidArgument");
+    expect_problem(curl("GET", "/v1/machines?x=1").response, 400, "InvalidArgument", "x");
+    expect_unchanged(before);
+}
+
+// ---- connections ----------------------------------------------------------------------------
+
+TEST_F(RestTest, KeepAliveServesManyRequestsOnOneConnection)
+{
+    {
+        HttpConnection c(ioc_, socket_path());
+        const std::vector<std::pair<std::string, std::string>> requests{
+            {"GET", "/v1/version"},          {"GET", "/v1/health"},
+            {"GET", "/v1/nothing"},          {"POST", "/v1/machines"},
+            {"GET", "/v1/machines/vm"},      {"POST", "/v1/machines/vm/start"},
+            {"POST", "/v1/machines/vm/qmp"}, {"POST", "/v1/machines/vm/stop"},
+            {"DELETE", "/v1/machines/vm"},   {"GET", "/v1/machines"},
+        };
+        const std::vector<int> statuses{200, 200, 404, 201, 200, 200, 200, 200, 204, 200};
+        for (std::size_t i = 0; i < requests.size(); ++i) {
+            const auto& [method, target] = requests[i];
+            std::string body;
+            if (target == "/v1/machines" && method == "POST") {
+                body = create_body("vm");
+            } else if (target.ends_with("/qmp")) {
+                body = R"({"execute": "query-status"})";
+            }
+            const HttpResponse r = c.request(method, target, body);
+            EXPECT_EQ(r.status, statuses[i]) << method << " " << target << ": " << r;
+            EXPECT_TRUE(r.keep_alive) << method << " " << target;
+            EXPECT_EQ(unix_connections(socket_path()), 1U);
+        }
+        // Two requests in one write (pipelined): two answers, in order.
+        ASSERT_FALSE(c.write_raw("GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"
+                                 "GET /v1/nothing HTTP/1.1\r\nHost: x\r\n\r\n"));
+        EXPECT_EQ(c.read_response(5s).status, 200);
+        EXPECT_EQ(c.read_response(5s).status, 404);
+        c.close();
+    }
+    {
+        // HTTP/1.0 without keep-alive: answered, then closed by the server.
+        HttpConnection c(ioc_, socket_path());
+        const HttpResponse r =
+            c.send(HttpConnection::make_request("GET", "/v1/health", {}, {}, 10));
+        EXPECT_EQ(r.status, 200) << r;
+        EXPECT_EQ(r.version, 10U);
+        EXPECT_FALSE(r.keep_alive);
+        EXPECT_TRUE(c.closed_by_peer(5s));
+    }
+    {
+        // HTTP/1.0 asking for keep-alive: kept.
+        HttpConnection c(ioc_, socket_path());
+        for (int i = 0; i < 3; ++i) {
+            const HttpResponse r = c.send(HttpConnection::make_request(
+                "GET", "/v1/health", {}, {{"Connection", "keep-alive"}}, 10));
+            EXPECT_EQ(r.status, 200) << r;
+            EXPECT_TRUE(r.keep_alive);
+        }
+        c.close();
+    }
+    {
+        // HTTP/1.1 with "Connection: close": closed after the answer.
+        HttpConnection c(ioc_, socket_path());
+        const HttpResponse r = c.request("GET", "/v1/health", {}, {{"Connection", "close"}});
+        EXPECT_EQ(r.status, 200) << r;
+        EXPECT_FALSE(r.keep_alive);
+        EXPECT_TRUE(c.closed_by_peer(5s));
+    }
+    {
+        // A request that is not HTTP: 400, closed.
+        HttpConnection c(ioc_, socket_path());
+        ASSERT_FALSE(c.write_raw("HELLO\r\n\r\n"));
+        expect_problem(c.read_response(5s), 400, "InvalidArgument");
+        EXPECT_TRUE(c.closed_by_peer(5s));
+    }
+    EXPECT_TRUE(eventually([&] { return unix_connections(socket_path()) == 0; }, 5s));
+}
+
+TEST_F(RestTest, AmbiguousMessageFramingIsRefused)
+{
+    // A request whose body length cannot be known must not be answered as if it had none: what
+    // follows would be read as the next request (request smuggling). RFC 9112 6.1 and 6.3: 400
+    // (or 501 for an unknown coding) and close.
+    const Snapshot before = snapshot();
+    const std::string smuggled = "GET /v1/nothing HTTP/1.1\r\nHost: x\r\n\r\n";
+    for (const char* framing :
+         {"Transfer-Encoding: gzip\r\n", "Transfer-Encoding: chunked, gzip\r\n",
+          "Content-Length: 2\r\nTransfer-Encoding: chunked\r\n",
+          "Content-Length: 2\r\nContent-Length: 3\r\n", "Content-Length: -1\r\n"}) {
+        SCOPED_TRACE(framing);
+        HttpConnection c(ioc_, socket_path());
+        ASSERT_FALSE(c.write_raw(fmt::format("POST /v1/machines HTTP/1.1\r\nHost: x\r\n"
+                                             "Content-Type: application/json\r\n{}\r\n{}",
+                                             framing, smuggled)));
+        const HttpResponse r = c.read_response(5s);
+        EXPECT_TRUE(r.status == 400 || r.status == 501) << r;
+        EXPECT_FALSE(r.keep_alive) << r;
+        std::string after;
+        EXPECT_TRUE(c.closed_by_peer(2s, &after));
+        EXPECT_EQ(after.find("HTTP/1.1 404"), std::string::npos)
+            << "the smuggled request was served";
+    }
+    expect_unchanged(before);
+}
+
+TEST_F(RestTest, FiveHundredConcurrentKeepAliveConnections)
+{
+    constexpr std::size_t n = 500;
+    // Our end of every connection is a descriptor too.
+    rlimit rl{};
+    ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &rl), 0);
+    if (rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &rl), 0);
+    }
+    ASSERT_GE(rl.rlim_cur, n + 100) << "RLIMIT_NOFILE is too low for this test";
+    running_machine("vm");
+    const Snapshot before = snapshot();
+
+    std::vector<std::unique_ptr<HttpConnection>> conns;
+    for (std::size_t i = 0; i < n; ++i) {
+        conns.push_back(std::make_unique<HttpConnection>(ioc_, socket_path()));
+        ASSERT_FALSE(conns.back()->error()) << i << ": " << conns.back()->error().message();
+    }
+    // All open at once before any request.
+    ASSERT_TRUE(eventually([&] { return unix_connections(socket_path()) == n; }, 10s))
+        << unix_connections(socket_path());
+    EXPECT_EQ(fd_count(daemon_pid()), before.fds + n);
+
+    // One request on each, all in flight together; mixed routes.
+    const auto t0 = Clock::now();
+    for (std::size_t i = 0; i < n; ++i) {
+        switch (i % 3) {
+        case 0:
+            conns[i]->start(HttpConnection::make_request("GET", "/v1/health"));
+            break;
+        case 1:
+            conns[i]->start(HttpConnection::make_request("GET", "/v1/machines/vm"));
+            break;
+        default:
+            conns[i]->start(HttpConnection::make_request("POST", "/v1/machines/vm/qmp",
+                                                         R"({"execute": "query-status"})"));
+            break;
+        }
+    }
+    ASSERT_TRUE(run_until(
+        ioc_,
+        [&] { return std::all_of(conns.begin(), conns.end(), [](auto& c) { return c->done(); }); },
+        30s));
+    const auto elapsed = Clock::now() - t0;
+    std::size_t ok = 0;
+    for (auto& c : conns) {
+        const HttpResponse r = c->take();
+        ok += r.status == 200 && r.keep_alive ? 1 : 0;
+    }
+    EXPECT_EQ(ok, n);
+    // Still all open (kept alive).
+    EXPECT_EQ(unix_connections(socket_path()), n);
+    RecordProperty(
+        "ms_for_500_requests",
+        static_cast<int>(std::chrono::duration_cast<std::chrono::milliseconds>(elapsed).count()));
+    for (auto& c : conns) {
+        c->close();
+    }
+    conns.clear();
+    expect_unchanged(before);
+}
+
+// ---- shutdown -------------------------------------------------------------------------------
+
+TEST_F(RestTest, RequestsDuringShutdownAre503)
+{
+    running_machine("slow", slow_stop_spec(3));
+    create("idle");
+    // A stop already asked for when the daemon is told to go: it is answered before the exit.
+    const auto stopper = stop_in_background("slow");
+    ASSERT_TRUE(stopper);
+    const auto t0 = Clock::now();
+    daemon().signal(SIGTERM);
+
+    HttpResponse health;
+    ASSERT_TRUE(eventually(
+        [&] {
+            health = call("GET", "/v1/health");
+            return health.status == 503;
+        },
+        2s))
+        << health;
+    expect_problem(health, 503, "ShuttingDown");
+    EXPECT_FALSE(health.keep_alive) << "a draining server keeps no connection";
+    expect_problem(action("idle", "start"), 503, "ShuttingDown");
+    expect_problem(call("POST", "/v1/machines", create_body("late")), 503, "ShuttingDown");
+    expect_problem(curl("POST", "/v1/machines/idle/start").response, 503, "ShuttingDown");
+    const HttpResponse slow = call("GET", "/v1/machines/slow");
+    EXPECT_EQ(slow.status, 200) << slow;
+    EXPECT_EQ(slow.str("state"), "stopping") << slow;
+    EXPECT_LT(Clock::now() - t0, 2500ms) << "the checks above must run while the machine stops";
+
+    ASSERT_TRUE(run_until(
+        ioc_, [&] { return stopper->done(); }, 15s));
+    const HttpResponse stopped = stopper->take();
+    EXPECT_EQ(stopped.status, 200) << stopped << " " << stopper->error().message();
+    EXPECT_EQ(stopped.str("state"), "stopped") << stopped;
+    EXPECT_FALSE(stopped.keep_alive);
+    stopper->close();
+    EXPECT_EQ(daemon().wait_exit(15s), 0) << daemon_output();
+    EXPECT_GE(Clock::now() - t0, 2500ms) << "the stop did not wait for the guest";
+    expect_daemon_gone();
+    EXPECT_FALSE(fs::exists(state_ / "late.json"));
+}
+
+// ---- limits (short request timeout, few connections) ----------------------------------------
+
+class RestLimitsTest : public RestTest
+{
+protected:
+    RestLimitsTest() { args_ = {"--rest-request-timeout", "2", "--rest-max-connections", "8"}; }
+};
+
+// Writes one byte of `text` a second to `conn` until it is all written or a write fails.
+class SlowWriter
+{
+public:
+    SlowWriter(asio::io_context& ioc, HttpConnection::Socket& socket, std::string text)
+        : socket_(socket)
+        , timer_(ioc)
+        , text_(std::move(text))
+    {
+        step();
+    }
+    std::size_t written() const { return written_; }
+    void cancel() { timer_.cancel(); }
+
+private:
+    void step()
+    {
+        if (written_ == text_.size()) {
+            return;
+        }
+        asio::async_write(socket_, asio::buffer(text_.data() + written_, 1),
+                          [this](error_code ec, std::size_t) {
+                              if (ec) {
+                                  return;
+                              }
+                              ++written_;
+                              timer_.expires_after(1s);
+                              timer_.async_wait([this](error_code e) {
+                                  if (!e) {
+                                      step();
+                                  }
+                              });
+                          });
+    }
+
+    HttpConnection::Socket& socket_;
+    asio::steady_timer timer_;
+    std::string text_;
+    std::size_t written_ = 0;
+};
+
+TEST_F(RestLimitsTest, SlowClientIsCutOffWhileOthersAreServed)
+{
+    const Snapshot before = snapshot();
+    asio::generic::stream_protocol::socket slow(ioc_);
+    slow.connect(asio::generic::stream_protocol::endpoint(
+        asio::local::stream_protocol::endpoint(socket_path().string())));
+    std::string received;
+    bool closed = false;
+    std::vector<char> buf(4096);
+    std::function<void()> read_more = [&] {
+        slow.async_read_some(asio::buffer(buf), [&](error_code ec, std::size_t n) {
+            received.append(buf.data(), n);
+            if (ec) {
+                closed = true;
+                return;
+            }
+            read_more();
+        });
+    };
+    read_more();
+    const auto t0 = Clock::now();
+    SlowWriter writer(ioc_, slow, "GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n");
+
+    // Meanwhile other clients get answers at once.
+    std::chrono::microseconds worst{0};
+    int served = 0;
+    while (!closed && Clock::now() - t0 < 8s) {
+        const auto start = Clock::now();
+        const HttpResponse r = call("GET", "/v1/machines");
+        worst = std::max(
+            worst, std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - start));
+        served += r.status == 200 ? 1 : 0;
+        run_until(
+            ioc_, [&] { return closed; }, 100ms);
+    }
+    const auto cut = Clock::now() - t0;
+    writer.cancel();
+    ASSERT_TRUE(closed) << "the slow client was not cut off";
+    EXPECT_GE(cut, 1900ms);
+    EXPECT_LT(cut, 3500ms);
+    EXPECT_TRUE(received.starts_with("HTTP/1.1 408 ")) << received;
+    EXPECT_NE(received.find("urn:qmachined:error:RequestTimeout"), std::string::npos) << received;
+    EXPECT_LT(writer.written(), 5U);
+    EXPECT_GE(served, 5);
+    EXPECT_LT(worst, 250ms) << "a request waited for the slow client";
+    RecordProperty("worst_us_during_slow_client", static_cast<int>(worst.count()));
+    error_code ec;
+    slow.close(ec);
+    run_until(
+        ioc_, [] { return false; }, 10ms); // the cancelled handlers
+    expect_unchanged(before);
+}
+
+TEST_F(RestLimitsTest, IdleConnectionsAreClosedQuietly)
+{
+    const Snapshot before = snapshot();
+    // Never a byte: closed after the timeout, without an answer.
+    HttpConnection idle(ioc_, socket_path());
+    // Kept alive after one request, then idle: closed the same way.
+    HttpConnection kept(ioc_, socket_path());
+    EXPECT_EQ(kept.request("GET", "/v1/health").status, 200);
+    const auto t0 = Clock::now();
+    std::string from_idle;
+    std::string from_kept;
+    EXPECT_TRUE(idle.closed_by_peer(5s, &from_idle));
+    EXPECT_TRUE(kept.closed_by_peer(5s, &from_kept));
+    EXPECT_LT(Clock::now() - t0, 3500ms);
+    EXPECT_EQ(from_idle, "");
+    EXPECT_EQ(from_kept, "");
+    expect_unchanged(before);
+}
+
+TEST_F(RestLimitsTest, ConnectionsOverTheLimitAre429)
+{
+    const Snapshot before = snapshot();
+    std::vector<std::unique_ptr<HttpConnection>> conns;
+    for (int i = 0; i < 8; ++i) {
+        conns.push_back(std::make_unique<HttpConnection>(ioc_, socket_path()));
+    }
+    ASSERT_TRUE(eventually([&] { return unix_connections(socket_path()) == 8; }, 5s));
+    {
+        HttpConnection extra(ioc_, socket_path());
+        const HttpResponse r = extra.read_response(5s);
+        expect_problem(r, 429, "LimitExceeded");
+        EXPECT_EQ(r.header("Retry-After"), "1");
+        EXPECT_TRUE(extra.closed_by_peer(5s));
+    }
+    // The open ones still work; one closed makes room for another.
+    EXPECT_EQ(conns[3]->request("GET", "/v1/health").status, 200);
+    conns[0]->close();
+    ASSERT_TRUE(eventually([&] { return unix_connections(socket_path()) == 7; }, 5s));
+    {
+        HttpConnection again(ioc_, socket_path());
+        EXPECT_EQ(again.request("GET", "/v1/health").status, 200);
+        again.close();
+    }
+    conns.clear();
+    expect_unchanged(before);
+}
+
+// ---- TCP with a token -----------------------------------------------------------------------
+
+// A port nobody listens on now (bound and released: --rest-listen 127.0.0.1:0 would not tell us
+// which one the daemon got).
+std::uint16_t free_port()
+{
+    asio::io_context ioc;
+    asio::ip::tcp::acceptor a(ioc, asio::ip::tcp::endpoint(asio::ip::make_address("127.0.0.1"), 0));
+    return a.local_endpoint().port();
+}
+
+class RestTcpTest : public RestTest
+{
+protected:
+    RestTcpTest()
+    {
+        port_ = free_port();
+        args_ = {"--rest-listen", fmt::format("127.0.0.1:{}", port_)};
+    }
+
+    asio::ip::tcp::endpoint endpoint() const
+    {
+        return {asio::ip::make_address("127.0.0.1"), port_};
+    }
+    HttpResponse tcp_call(const std::string& method, const std::string& target,
+                          const Headers& headers, std::string body = {})
+    {
+        HttpConnection c(ioc_, endpoint());
+        EXPECT_FALSE(c.error()) << c.error().message();
+        HttpResponse r = c.request(method, target, std::move(body), headers);
+        c.close();
+        return r;
+    }
+    CurlResult tcp_curl(const std::string& method, const std::string& target,
+                        std::vector<std::string> args = {})
+    {
+        args.insert(args.begin(), {"-X", method});
+        args.push_back(fmt::format("http://127.0.0.1:{}{}", port_, target));
+        return run_curl(args);
+    }
+
+    std::uint16_t port_ = 0;
+};
+
+TEST_F(RestTcpTest, TokenIsRequired)
+{
+    const fs::path token_file = state_ / "rest.token";
+    struct stat st
+    {
+    };
+    ASSERT_EQ(::stat(token_file.c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 0777, 0600U);
+    std::string token = read_whole_file(token_file);
+    ASSERT_TRUE(token.ends_with("\n"));
+    token.pop_back();
+    EXPECT_EQ(token.size(), 64U);
+    EXPECT_EQ(token.find_first_not_of("0123456789abcdef"), std::string::npos) << token;
+
+    create("vm");
+    const Snapshot before = snapshot();
+    const std::vector<Headers> refused{
+        {},
+        {{"Authorization", "Bearer wrong"}},
+        {{"Authorization", "Bearer " + token.substr(0, 63)}},
+        {{"Authorization", "Bearer " + token + "0"}},
+        {{"Authorization", "Basic " + token}},
+        {{"Authorization", token}},
+        {{"Authorization", "Bearer"}},
+    };
+    for (const auto& headers : refused) {
+        SCOPED_TRACE(headers.empty() ? "no token" : headers[0].second);
+        for (const auto& [method, target] :
+             std::vector<std::pair<std::string, std::string>>{{"GET", "/v1/health"},
+                                                              {"POST", "/v1/machines"},
+                                                              {"DELETE", "/v1/machines/vm?force=1"},
+                                                              {"GET", "/v1/nothing"}}) {
+            HttpConnection c(ioc_, endpoint());
+            const std::string body = method == "POST" ? create_body("x") : "";
+            const HttpResponse r = c.request(method, target, body, headers);
+            expect_problem(r, 401, "Unauthorized");
+            EXPECT_EQ(r.header("WWW-Authenticate"), "Bearer realm=\"qmachined\"");
+            EXPECT_TRUE(c.closed_by_peer(5s));
+        }
+    }
+    const CurlResult no_token = tcp_curl("GET", "/v1/machines");
+    expect_problem(no_token.response, 401, "Unauthorized");
+    EXPECT_EQ(no_token.response.header("WWW-Authenticate"), "Bearer realm=\"qmachined\"");
+    expect_problem(tcp_curl("GET", "/v1/machines", {"-H", "Authorization: Bearer nope"}).response,
+                   401, "Unauthorized");
+    expect_unchanged(before);
+
+    // The right token (the scheme in any case).
+    const Headers auth{{"Authorization", "Bearer " + token}};
+    EXPECT_EQ(tcp_call("GET", "/v1/health", auth).status, 200);
+    EXPECT_EQ(tcp_call("GET", "/v1/health", {{"Authorization", "bearer " + token}}).status, 200);
+    const HttpResponse made = tcp_call("POST", "/v1/machines", auth, create_body("tcp"));
+    EXPECT_EQ(made.status, 201) << made;
+    const CurlResult listed =
+        tcp_curl("GET", "/v1/machines/tcp", {"-H", "Authorization: Bearer " + token});
+    EXPECT_EQ(listed.response.status, 200) << listed.response;
+    {
+        // Kept alive with the token.
+        HttpConnection c(ioc_, endpoint());
+        for (int i = 0; i < 3; ++i) {
+            const HttpResponse r = c.request("GET", "/v1/version", {}, auth);
+            EXPECT_EQ(r.status, 200);
+            EXPECT_TRUE(r.keep_alive);
+        }
+        c.close();
+    }
+    // The unix socket needs none.
+    EXPECT_EQ(call("GET", "/v1/machines/tcp").status, 200);
+}
+
+TEST_F(RestTcpTest, EarlyAnswersSurviveUnreadBodiesOverTcp)
+{
+    // 401 and 413 are answered from the header; TCP resets a connection closed with unread
+    // data, which can destroy the answer before the client reads it (RFC 9112 9.6): the server
+    // must let the client finish sending.
+    std::string token = read_whole_file(state_ / "rest.token");
+    token.erase(token.find_last_not_of('\n') + 1);
+    const Snapshot before = snapshot();
+    // 401 for a body within the limit (never read), 413 for one over it.
+    for (const bool with_token : {false, true}) {
+        SCOPED_TRACE(with_token ? "413" : "401");
+        const std::string body((with_token ? 2048 : 768) * 1024, ' ');
+        HttpConnection c(ioc_, endpoint());
+        std::string head = fmt::format("POST /v1/machines HTTP/1.1\r\nHost: x\r\n"
+                                       "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                                       body.size());
+        if (with_token) {
+            head += "Authorization: Bearer " + token + "\r\n";
+        }
+        EXPECT_FALSE(c.write_raw(head + "\r\n" + body));
+        const HttpResponse r = c.read_response(5s);
+        if (with_token) {
+            expect_problem(r, 413, "PayloadTooLarge");
+        } else {
+            expect_problem(r, 401, "Unauthorized");
+        }
+        EXPECT_TRUE(c.closed_by_peer(5s));
+    }
+    const fs::path big = root_ / "big.json";
+    write_whole_file(big, std::string(10 * 1024 * 1024, ' '));
+    const CurlResult r =
+        tcp_curl("POST", "/v1/machines",
+                 {"-H", "Authorization: Bearer " + token, "-H", "Content-Type: application/json",
+                  "-H", "Expect:", "--data-binary", "@" + big.string()});
+    EXPECT_EQ(r.status, 0) << r.err;
+    expect_problem(r.response, 413, "PayloadTooLarge");
+    expect_unchanged(before);
+}
+
+TEST_F(RestTcpTest, TokenFileGivenAndReused)
+{
+    // Restarted with a token file of our own.
+    stop_daemon();
+    const fs::path mine = root_ / "token";
+    write_whole_file(mine, "  s3cret-token \n");
+    ASSERT_EQ(::chmod(mine.c_str(), 0600), 0);
+    auto args = args_;
+    args.insert(args.end(), {"--rest-token-file", mine.string()});
+    ASSERT_NO_FATAL_FAILURE(start_daemon(args));
+    EXPECT_EQ(tcp_call("GET", "/v1/health", {{"Authorization", "Bearer s3cret-token"}}).status,
+              200);
+    expect_problem(tcp_call("GET", "/v1/health", {{"Authorization", "Bearer s3cret"}}), 401,
+                   "Unauthorized");
+    stop_daemon();
+
+    // One readable by others is refused: the daemon does not start.
+    ASSERT_EQ(::chmod(mine.c_str(), 0644), 0);
+    const CommandResult refused = run_command([&] {
+        std::vector<std::string> argv{QM_QMACHINED};
+        for (const auto& a : daemon_args(args)) {
+            argv.push_back(a);
+        }
+        return argv;
+    }());
+    EXPECT_EQ(refused.status, 1) << refused.err;
+    EXPECT_NE(refused.err.find("0600"), std::string::npos) << refused.err;
+    EXPECT_FALSE(fs::exists(socket_path()));
+}
+
+class RestRemoteTest : public RestTest
+{
+protected:
+    RestRemoteTest() { start_in_set_up_ = false; }
+};
+
+TEST_F(RestRemoteTest, NonLoopbackListenNeedsAllowRemote)
+{
+    const std::uint16_t port = free_port();
+    std::vector<std::string> argv{QM_QMACHINED};
+    for (const auto& a : daemon_args({"--rest-listen", fmt::format("0.0.0.0:{}", port)})) {
+        argv.push_back(a);
+    }
+    const CommandResult r = run_command(argv, 30s);
+    EXPECT_EQ(r.status, 2) << r.out << r.err;
+    EXPECT_NE(r.err.find("--rest-allow-remote"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("0.0.0.0"), std::string::npos) << r.err;
+    EXPECT_FALSE(fs::exists(socket_path()));
+    EXPECT_FALSE(fs::exists(state_ / "rest.token"));
+    // Nothing listens on the port.
+    asio::ip::tcp::socket s(ioc_);
+    error_code ec;
+    s.connect({asio::ip::make_address("127.0.0.1"), port}, ec);
+    EXPECT_TRUE(ec) << "something listens on " << port;
+}
+
+} // namespace
+} // namespace qm::test
