@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <cstring>
@@ -164,8 +165,55 @@ expected<std::string> load_or_create_token(const std::string& path)
 }
 
 Server::Server(asio::io_context& ioc, Api& api, ServerOptions options)
-    : ioc_(ioc), api_(api), options_(std::move(options))
+    : ioc_(ioc), api_(api), options_(std::move(options)), sweep_timer_(ioc)
 {}
+
+std::chrono::milliseconds Server::sweep_period() const noexcept
+{
+    return std::clamp(options_.request_timeout / 4, std::chrono::milliseconds(10),
+                      std::chrono::milliseconds(1000));
+}
+
+void Server::set_deadline(std::uint64_t id, std::chrono::milliseconds timeout)
+{
+    if (auto it = sessions_.find(id); it != sessions_.end()) {
+        it->second.deadline = Clock::now() + timeout;
+    }
+}
+
+void Server::clear_deadline(std::uint64_t id)
+{
+    if (auto it = sessions_.find(id); it != sessions_.end()) {
+        it->second.deadline = Clock::time_point::max();
+    }
+}
+
+awaitable<void> Server::sweep()
+{
+    std::weak_ptr<int> alive = life_;
+    while (!alive.expired() && !closed_ && !sessions_.empty()) {
+        sweep_timer_.expires_after(sweep_period());
+        error_code ec;
+        co_await sweep_timer_.async_wait(use_ec(ec));
+        if (alive.expired() || ec) {
+            co_return;
+        }
+        const auto now = Clock::now();
+        std::vector<std::function<void()>> expired;
+        for (auto& [id, slot] : sessions_) {
+            if (slot.deadline <= now) {
+                slot.deadline = Clock::time_point::max();
+                expired.push_back(slot.expire);
+            }
+        }
+        for (auto& expire : expired) {
+            expire();
+        }
+    }
+    if (!alive.expired()) {
+        sweeping_ = false;
+    }
+}
 
 Server::~Server()
 {
@@ -266,9 +314,13 @@ void Server::close()
         tcp_acceptor_->close(ec);
     }
     // Closers remove nothing themselves (the sessions do, when they end): take a copy.
-    auto sessions = sessions_;
-    for (auto& [id, closer] : sessions) {
-        closer();
+    sweep_timer_.cancel();
+    std::vector<std::function<void()>> closers;
+    for (auto& [id, slot] : sessions_) {
+        closers.push_back(slot.close);
+    }
+    for (auto& close : closers) {
+        close();
     }
 }
 
@@ -339,11 +391,27 @@ template <class Protocol>
 awaitable<void> Server::session(typename Protocol::socket socket, bool needs_token, std::uint64_t id)
 {
     std::weak_ptr<int> alive = life_;
-    sessions_.emplace(id, [&socket] {
-        error_code ec;
-        socket.cancel(ec);
-        socket.close(ec);
-    });
+    bool timed_out = false;
+    Slot slot;
+    slot.close = [&socket] {
+        error_code ignored;
+        socket.cancel(ignored);
+        socket.close(ignored);
+    };
+    slot.expire = [&socket, &timed_out] {
+        timed_out = true;
+        error_code ignored;
+        socket.cancel(ignored);
+    };
+    sessions_.emplace(id, std::move(slot));
+    if (!sweeping_) {
+        sweeping_ = true;
+        asio::co_spawn(ioc_, sweep(), [](std::exception_ptr e) {
+            if (e) {
+                spdlog::error("Failed to watch REST deadlines: {}", describe_exception(e));
+            }
+        });
+    }
     beast::flat_buffer buffer;
     error_code ec;
     while (!closed_) {
@@ -358,13 +426,8 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
         } else {
             parser.body_limit(options_.max_body);
         }
-        bool timed_out = false;
-        std::optional<Deadline> deadline;
-        deadline.emplace(socket.get_executor(), options_.request_timeout, [&socket, &timed_out] {
-            timed_out = true;
-            error_code ignored;
-            socket.cancel(ignored);
-        });
+        timed_out = false;
+        set_deadline(id, options_.request_timeout);
         co_await http::async_read_header(socket, buffer, parser, use_ec(ec));
         if (!ec) {
             const auto& head = parser.get();
@@ -398,10 +461,10 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
         if (!ec && !unauthorized && !parser.is_done()) {
             co_await http::async_read(socket, buffer, parser, use_ec(ec));
         }
-        deadline.reset();
         if (alive.expired() || closed_) {
             break;
         }
+        clear_deadline(id);
         if (ec || unauthorized) {
             std::optional<Problem> problem;
             if (unauthorized) {
@@ -502,14 +565,13 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
         if (msg.method() == http::verb::head) {
             res.body().clear();
         }
-        {
-            Deadline write_deadline(socket.get_executor(), options_.request_timeout, [&socket] {
-                error_code ignored;
-                socket.close(ignored);
-            });
-            co_await http::async_write(socket, res, use_ec(ec));
+        set_deadline(id, options_.request_timeout);
+        co_await http::async_write(socket, res, use_ec(ec));
+        if (alive.expired()) {
+            co_return; // the server is gone with its map; the socket closes with this frame
         }
-        if (ec || !keep || alive.expired()) {
+        clear_deadline(id);
+        if (ec || !keep || timed_out) {
             break;
         }
     }

@@ -73,8 +73,24 @@ private:
     ServerOptions options_;
     std::optional<asio::local::stream_protocol::acceptor> unix_acceptor_;
     std::optional<asio::ip::tcp::acceptor> tcp_acceptor_;
-    // Each open connection's closer.
-    std::map<std::uint64_t, std::function<void()>> sessions_;
+    // Each open connection: how to close it, and the deadline of its read or write in progress.
+    struct Slot
+    {
+        std::function<void()> close;   // cancel and close the socket
+        std::function<void()> expire;  // the deadline passed: flag it, cancel the socket
+        std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
+    };
+    // One timer for every connection's deadline (a per-request timer reprogrammed the loop's
+    // timerfd three times per request; rest-bench measured it). It runs only while connections
+    // are open, every sweep_period(); deadlines are kept to within that period.
+    awaitable<void> sweep();
+    std::chrono::milliseconds sweep_period() const noexcept;
+    void set_deadline(std::uint64_t id, std::chrono::milliseconds timeout);
+    void clear_deadline(std::uint64_t id);
+
+    std::map<std::uint64_t, Slot> sessions_;
+    asio::steady_timer sweep_timer_;
+    bool sweeping_ = false;
     std::uint64_t next_session_ = 1;
     bool draining_ = false;
     bool closed_ = false;
