@@ -88,22 +88,46 @@ public:
             spdlog::critical("Failed to start: {}", loaded.error().message);
             return 1;
         }
+        wait_signal();
+        // QEMUs that kept running while the daemon was down are taken over before anyone is
+        // served: the socket appears when every machine's state is known again.
+        qm::asio::co_spawn(ioc_, supervisor_.reattach(), [this](const std::exception_ptr& e) {
+            if (e) {
+                spdlog::critical("Failed to re-attach the machines: {}",
+                                 qm::describe_exception(e));
+                rc_ = 1;
+                ioc_.stop();
+                return;
+            }
+            ready();
+        });
+        ioc_.run();
+        spdlog::info("qmachined exits");
+        return rc_;
+    }
+
+private:
+    void ready()
+    {
+        if (stopping_) {
+            return; // a signal came during the re-attach
+        }
         auto serving = serve();
         if (!serving) {
             spdlog::critical("Failed to start: {}", serving.error().message);
-            return 1;
+            rc_ = 1;
+            done_ = true;
+            signals_.cancel();
+            supervisor_.detach_all(); // what runs keeps running for the next start
+            ioc_.stop();
+            return;
         }
-        wait_signal();
         supervisor_.autostart();
         probe_qemu();
         spdlog::info("qmachined {} ready: state '{}', runtime '{}', {} machine(s)", version,
                      config_.state_dir, config_.runtime_dir, supervisor_.size());
-        ioc_.run();
-        spdlog::info("qmachined exits");
-        return 0;
     }
 
-private:
     // The REST listeners: the unix socket appears only now, when the daemon can answer.
     qm::expected<void> serve()
     {
@@ -178,6 +202,19 @@ private:
             return;
         }
         stopping_ = true;
+        if (!stop_machines_) {
+            // shutdown-policy leave-running (the default, as libvirt): the machines outlive us
+            // and the next start re-attaches them.
+            spdlog::info("Received {}: leaving the machines running, exiting", strsignal(signo));
+            supervisor_.detach_all();
+            if (server_) {
+                server_->close();
+            }
+            done_ = true;
+            signals_.cancel();
+            ioc_.stop();
+            return;
+        }
         spdlog::info("Received {}: stopping every machine, then exiting", strsignal(signo));
         // Requests still get answers while the machines stop (operations: 503 ShuttingDown).
         if (server_) {
@@ -229,6 +266,8 @@ private:
     qm::asio::signal_set signals_;
     bool stopping_ = false;
     bool done_ = false;
+    bool stop_machines_ = true;
+    int rc_ = 0;
 };
 
 } // namespace

@@ -32,6 +32,9 @@ inline constexpr std::string_view machine_updated = "MACHINE_UPDATED"; // data: 
 inline constexpr std::string_view machine_removed = "MACHINE_REMOVED"; // data: {}
 // data: {"state", "previous", "reason"?: {...stop reason...}, "detail"?: "..."}
 inline constexpr std::string_view state_changed = "STATE_CHANGED";
+// data: {"pid", "state", "since_us"}: qmachined (re)started and took over a QEMU that had kept
+// running; the machine's state is "state" from now on (no STATE_CHANGED for it)
+inline constexpr std::string_view machine_reattached = "MACHINE_REATTACHED";
 // data: {"count": N, "since_seq": S}: N QMP events of a flooding machine were not published; the
 // first of them came after event S
 inline constexpr std::string_view events_dropped = "EVENTS_DROPPED";

@@ -21,6 +21,7 @@
 #include <spdlog/spdlog.h>
 
 #include "libmachine/machine/machine.hpp"
+#include "libmachine/proc/proc_info.hpp"
 
 namespace qm::daemon {
 namespace fs = std::filesystem;
@@ -35,6 +36,10 @@ constexpr std::string_view file_prefix = "qemu";
 // The longest file name in a machine's runtime directory, "/m/<id>/qemu-console.sock": the
 // runtime directory may be at most 107 - this long (unix socket paths are 108 bytes with NUL).
 constexpr std::size_t runtime_suffix_len = 3 + 12 + 1 + 17;
+// The seccomp sandbox of every QEMU (QEMU's -sandbox): no obsolete system calls, no setuid and
+// friends, no fork/exec, no scheduler or affinity changes.
+constexpr std::string_view sandbox_option =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 // Operations in flight at once that make a burst worth giving memory back after (Supervisor::end_job).
 constexpr std::size_t trim_after_jobs = 32;
 
@@ -166,6 +171,7 @@ struct Supervisor::Entry
     bool unresponsive = false; // the probe failed; state is `unresponsive`
     bool probing = false;
     bool kill_requested = false;
+    bool attaching = false; // reattach(): the machine's own state changes are not published
     // The SHUTDOWN event of the current process, if any.
     bool saw_shutdown = false;
     bool shutdown_guest = false;
@@ -321,6 +327,193 @@ void Supervisor::autostart()
     }
 }
 
+//---- re-attach after a restart ------------------------------------------------------------------
+
+void Supervisor::remove_runtime_files(const Entry& e, const RuntimeRecord* record)
+{
+    // Only files inside the machine's own directory (the record is the daemon's, in a directory
+    // only the daemon can write, but a path is still checked before it is unlinked).
+    const std::string prefix = e.dir + "/";
+    auto remove = [&prefix](const std::string& path) {
+        if (!path.empty() && path.starts_with(prefix) &&
+            path.find("/..", prefix.size() - 1) == std::string::npos) {
+            ::unlink(path.c_str());
+        }
+    };
+    remove(e.dir + "/" + std::string(file_prefix) + "-monitor.sock");
+    remove(e.dir + "/" + std::string(file_prefix) + "-console.sock");
+    if (record != nullptr) {
+        remove(record->monitor);
+        remove(record->console);
+    }
+    remove_record(e.dir);
+}
+
+void Supervisor::settle_dead(Entry& e, const RuntimeRecord& record, const std::string& why)
+{
+    remove_runtime_files(e, &record);
+    e.restart_count = record.restart_count;
+    e.stop_reason = StopReason{StopReason::Kind::unknown, 0, std::nullopt,
+                               "QEMU exited while qmachined was not running (" + why + ")"};
+    spdlog::warn("Machine '{}' died while qmachined was not running: {}", e.def.name, why);
+    set_state(e, MachineState::crashed, e.stop_reason.detail);
+}
+
+awaitable<void> Supervisor::attach_one(std::shared_ptr<Entry> e, RuntimeRecord record, pid_t pid,
+                                       int pidfd)
+{
+    auto machine = make_machine(*e);
+    e->machine = machine;
+    e->restart_count = record.restart_count;
+    e->attaching = true;
+    AttachOptions options;
+    options.pid = pid;
+    options.pidfd = pidfd;
+    options.argv = record.argv;
+    auto attached = co_await machine->attach(std::move(options));
+    e->attaching = false;
+    if (!machine->is_running()) {
+        // It exited while we attached: as if it had died while we were away.
+        e->last_exit = machine->exit_status();
+        e->cleaning_up = true;
+        spawn(cleanup_after_exit(e), "clean up after an exit");
+        settle_dead(*e, record, "it exited during the re-attach");
+        co_return;
+    }
+    if (record.pid != pid) {
+        record.pid = pid; // found by its command line: recorded now
+        auto start_time = proc::process_start_time(pid);
+        record.start_time = start_time ? *start_time : 0;
+        if (auto written = write_record(e->dir, record); !written) {
+            spdlog::error("Failed to record QEMU (pid {}): {}", pid, written.error().message);
+        }
+    }
+    MachineState state = machine->state();
+    std::string detail;
+    if (!attached) {
+        state = MachineState::unresponsive;
+        e->unresponsive = true;
+        detail = attached.error().message;
+        spdlog::error("Failed to re-attach '{}' (pid {}): {}", e->def.name, pid, detail);
+    } else if (state != MachineState::paused) {
+        state = MachineState::running;
+    }
+    e->state = state;
+    e->state_since_us = state == MachineState::running ? record.started_at_us : now_us();
+    json::Document data(rapidjson::kObjectType);
+    auto& a = data.GetAllocator();
+    const auto name = qm::to_string(state);
+    data.AddMember("pid", pid, a);
+    data.AddMember("state",
+                   json::Value(name.data(), static_cast<rapidjson::SizeType>(name.size()), a), a);
+    data.AddMember("since_us", e->state_since_us, a);
+    if (!detail.empty()) {
+        data.AddMember("detail", json::Value(detail.c_str(), a), a);
+    }
+    events_.publish(e->def.name, event_names::machine_reattached, data);
+    spdlog::info("Re-attached '{}' (pid {}): {}", e->def.name, pid, name);
+    e->notify();
+}
+
+awaitable<void> Supervisor::reattach()
+{
+    const auto started = std::chrono::steady_clock::now();
+    // Directories of machines that have no definition: their QEMU (if any) cannot be managed
+    // any more. It is not left behind as an orphan.
+    std::map<std::string, const Entry*> by_id;
+    for (const auto& [name, e] : machines_) {
+        by_id.emplace(e->id, e.get());
+    }
+    const std::string machines_dir = options_.runtime_dir + "/m";
+    std::error_code ec;
+    for (const auto& dirent : fs::directory_iterator(machines_dir, ec)) {
+        const std::string id = dirent.path().filename().string();
+        if (by_id.contains(id) || !dirent.is_directory(ec) || dirent.is_symlink(ec)) {
+            continue;
+        }
+        const std::string dir = dirent.path().string();
+        auto record = read_record(dir);
+        if (record && *record) {
+            if (auto found = find_recorded_process(**record)) {
+                spdlog::error("Killing QEMU (pid {}) of machine '{}': it has no definition any "
+                              "more", found->first, (*record)->name);
+                (void)proc::pidfd_signal(found->second, SIGKILL);
+                ::close(found->second);
+            }
+        }
+        fs::remove_all(dir, ec);
+    }
+
+    std::size_t attaching = 0;
+    std::size_t attached = 0;
+    std::size_t dead = 0;
+    auto ex = co_await asio::this_coro::executor;
+    asio::steady_timer wake(ex);
+    for (auto& [name, e] : machines_) {
+        auto record = read_record(e->dir);
+        if (!record) {
+            spdlog::error("Failed to read the runtime record of '{}': {}", name,
+                          record.error().message);
+            remove_runtime_files(*e, nullptr);
+            continue;
+        }
+        if (!*record) {
+            remove_runtime_files(*e, nullptr); // sockets of a run that ended without cleanup
+            continue;
+        }
+        const RuntimeRecord& r = **record;
+        if (r.name != name || r.uuid != e->def.spec.uuid) {
+            spdlog::error("The runtime record of '{}' names '{}' ({}): ignored", name, r.name,
+                          r.uuid);
+            remove_runtime_files(*e, nullptr);
+            continue;
+        }
+        auto found = find_recorded_process(r);
+        if (!found) {
+            ++dead;
+            settle_dead(*e, r, found.error().message);
+            continue;
+        }
+        ++attaching;
+        ++attached;
+        asio::co_spawn(ex, attach_one(e, r, found->first, found->second),
+                       [&attaching, &wake, n = name](const std::exception_ptr& ex_ptr) {
+                           if (ex_ptr) {
+                               spdlog::error("Failed to re-attach '{}': {}", n,
+                                             describe_exception(ex_ptr));
+                           }
+                           --attaching;
+                           wake.cancel();
+                       });
+    }
+    while (attaching > 0) {
+        wake.expires_at(asio::steady_timer::time_point::max());
+        error_code wait_ec;
+        co_await wake.async_wait(use_ec(wait_ec));
+    }
+    const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                        std::chrono::steady_clock::now() - started)
+                        .count();
+    spdlog::info("Re-attached {} running machine(s), {} died while qmachined was down ({} ms)",
+                 attached, dead, ms);
+}
+
+void Supervisor::detach_all()
+{
+    shutting_down_ = true;
+    std::size_t left = 0;
+    for (auto& [name, e] : machines_) {
+        if (e->machine && e->machine->is_running()) {
+            ++left;
+            spdlog::info("Leaving '{}' running (pid {})", name, e->machine->pid().value_or(-1));
+        }
+        if (e->machine) {
+            e->machine->detach();
+        }
+    }
+    spdlog::info("Left {} machine(s) running for the next start", left);
+}
+
 //---- the model ----------------------------------------------------------------------------------
 
 Supervisor::Entry* Supervisor::find(std::string_view name) const
@@ -474,6 +667,9 @@ void Supervisor::set_state(Entry& e, MachineState state, std::string detail)
 
 void Supervisor::on_machine_state(Entry& e, MachineState s)
 {
+    if (e.attaching) {
+        return; // reattach() publishes the outcome once
+    }
     switch (s) {
     case MachineState::starting:
     case MachineState::running:
@@ -515,8 +711,25 @@ StopReason Supervisor::reason_from_exit(const Entry& e) const
         r.kind = StopReason::Kind::host_kill;
         return r;
     }
-    if (!e.last_exit || e.last_exit->kind == proc::ExitStatus::Kind::unknown) {
+    if (!e.last_exit) {
         r.kind = StopReason::Kind::unknown;
+        return r;
+    }
+    if (e.last_exit->kind == proc::ExitStatus::Kind::unknown) {
+        // Not our child (re-attached): only its SHUTDOWN event, if any, says how it ended.
+        if (e.saw_shutdown && e.shutdown_guest) {
+            r.kind = StopReason::Kind::guest_poweroff;
+        } else if (e.saw_shutdown && e.shutdown_reason == "host-qmp-quit") {
+            r.kind = StopReason::Kind::host_quit;
+        } else if (e.saw_shutdown) {
+            r.kind = StopReason::Kind::unknown;
+            r.detail = "SHUTDOWN reason " + e.shutdown_reason + "; exit status unknown";
+        } else {
+            // QEMU says SHUTDOWN before every orderly exit: without one it died.
+            r.kind = StopReason::Kind::crashed;
+            r.detail = "exited without a SHUTDOWN event (exit status unknown: the process was "
+                       "re-attached, not qmachined's child)";
+        }
         return r;
     }
     const auto& x = *e.last_exit;
@@ -549,7 +762,12 @@ StopReason Supervisor::reason_from_exit(const Entry& e) const
 
 void Supervisor::on_machine_exit(Entry& e)
 {
+    remove_record(e.dir); // the process it names is gone
     e.last_exit = e.machine ? e.machine->exit_status() : std::nullopt;
+    if (e.attaching) {
+        e.notify();
+        return; // attach_one() sees the exit
+    }
     if (e.job == Job::start || e.job == Job::stop || e.job == Job::restart ||
         e.job == Job::remove) {
         e.notify();
@@ -834,36 +1052,32 @@ awaitable<expected<OpResult>> Supervisor::start(std::string name)
     co_return result(*e);
 }
 
-awaitable<expected<void>> Supervisor::do_start(std::shared_ptr<Entry> e)
+std::shared_ptr<Machine> Supervisor::make_machine(Entry& e)
 {
-    if (e->cleaning_up) {
-        Entry* raw = e.get();
-        std::function<bool()> clean = [raw] { return !raw->cleaning_up; };
-        co_await wait_entry(e, std::move(clean));
-    }
-    const MachineSpec& spec = e->def.spec;
-    const std::string name = e->def.name;
-    if (::mkdir(e->dir.c_str(), 0700) != 0 && errno != EEXIST) {
-        e->stop_reason = StopReason{StopReason::Kind::launch_failed, 0, std::nullopt,
-                                    fmt::format("cannot create '{}': {}", e->dir,
-                                                std::strerror(errno))};
-        set_state(*e, MachineState::failed, e->stop_reason.detail);
-        co_return fail(errc::launch_failed,
-                       fmt::format("cannot start '{}': {}", name, e->stop_reason.detail));
-    }
+    const MachineSpec& spec = e.def.spec;
     MachineConfig config;
     config.binary = spec.binary;
-    config.name = name;
+    config.name = e.def.name;
     config.file_prefix = std::string(file_prefix);
-    config.base_temp_dir = e->dir;
-    config.sock_dir = e->dir;
-    config.log_dir = e->dir;
+    config.base_temp_dir = e.dir;
+    config.sock_dir = e.dir;
+    config.log_dir = e.dir;
     config.qmp_timer = options_.launch_timeout;
     config.event_queue_limit = 0; // every event goes to the bus through on_event
     config.console_ring_size = spec.console.ring_size;
     config.console_log_max = spec.console.log_size;
+    // QEMU gets its sockets and the console log as descriptors: it needs no access to the
+    // machine's directory (which stays the daemon's, 0700), and outlives a daemon restart.
+    config.pass_sockets = true;
+    config.run_as_uid = options_.qemu_uid;
+    config.run_as_gid = options_.qemu_gid;
+    config.run_as_groups = options_.qemu_groups;
     if (spec.console.enabled && spec.console.log_size > 0) {
-        config.console_log = e->dir + "/console.log";
+        config.console_log = e.dir + "/console.log";
+    }
+    if (options_.sandbox) {
+        config.args.emplace_back("-sandbox");
+        config.args.emplace_back(sandbox_option);
     }
     if (spec.memory_mib) {
         config.args.emplace_back("-m");
@@ -882,7 +1096,7 @@ awaitable<expected<void>> Supervisor::do_start(std::shared_ptr<Entry> e)
     if (spec.console.enabled) {
         machine->set_console();
     }
-    Entry* raw = e.get();
+    Entry* raw = &e;
     // The callbacks check the supervisor's liveness token: a machine that outlives it (held by a
     // coroutine frame until the loop is destroyed) never calls into a destroyed supervisor.
     std::weak_ptr<int> life = life_;
@@ -901,6 +1115,57 @@ awaitable<expected<void>> Supervisor::do_start(std::shared_ptr<Entry> e)
             on_machine_exit(*raw);
         }
     });
+    return machine;
+}
+
+awaitable<expected<void>> Supervisor::do_start(std::shared_ptr<Entry> e)
+{
+    if (e->cleaning_up) {
+        Entry* raw = e.get();
+        std::function<bool()> clean = [raw] { return !raw->cleaning_up; };
+        co_await wait_entry(e, std::move(clean));
+    }
+    const MachineSpec& spec = e->def.spec;
+    const std::string name = e->def.name;
+    if (::mkdir(e->dir.c_str(), 0700) != 0 && errno != EEXIST) {
+        e->stop_reason = StopReason{StopReason::Kind::launch_failed, 0, std::nullopt,
+                                    fmt::format("cannot create '{}': {}", e->dir,
+                                                std::strerror(errno))};
+        set_state(*e, MachineState::failed, e->stop_reason.detail);
+        co_return fail(errc::launch_failed,
+                       fmt::format("cannot start '{}': {}", name, e->stop_reason.detail));
+    }
+    auto machine = make_machine(*e);
+    // The record first (without a pid), then with the pid as soon as there is one: whenever the
+    // daemon dies, the next one knows this QEMU may exist.
+    RuntimeRecord record;
+    record.name = name;
+    record.uuid = spec.uuid;
+    record.generation = e->def.generation;
+    record.boot_id = proc::boot_id();
+    record.argv = machine->full_args();
+    record.argv_hash = proc::hash_command_line(record.argv);
+    record.monitor = e->dir + "/" + std::string(file_prefix) + "-monitor.sock";
+    if (spec.console.enabled) {
+        record.console = machine->console_socket_path();
+    }
+    record.started_at_us = now_us();
+    record.restart_count = e->restart_count;
+    if (auto written = write_record(e->dir, record); !written) {
+        e->stop_reason = StopReason{StopReason::Kind::launch_failed, 0, std::nullopt,
+                                    written.error().message};
+        set_state(*e, MachineState::failed, e->stop_reason.detail);
+        co_return fail(errc::launch_failed,
+                       fmt::format("cannot start '{}': {}", name, e->stop_reason.detail));
+    }
+    machine->on_spawn([dir = e->dir, record](pid_t pid) mutable {
+        record.pid = pid;
+        auto start_time = proc::process_start_time(pid);
+        record.start_time = start_time ? *start_time : 0;
+        if (auto written = write_record(dir, record); !written) {
+            spdlog::error("Failed to record QEMU (pid {}): {}", pid, written.error().message);
+        }
+    });
     e->machine = machine;
     e->kill_requested = false;
     e->saw_shutdown = false;
@@ -912,6 +1177,7 @@ awaitable<expected<void>> Supervisor::do_start(std::shared_ptr<Entry> e)
 
     auto launched = co_await machine->launch();
     if (!launched) {
+        remove_record(e->dir);
         e->last_exit = machine->exit_status();
         if (e->kill_requested) {
             e->stop_reason = StopReason{StopReason::Kind::host_kill, 0, std::nullopt, {}};

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "daemon/supervisor/events.hpp"
+#include "daemon/supervisor/record.hpp"
 #include "daemon/supervisor/spec.hpp"
 #include "daemon/supervisor/store.hpp"
 #include "libmachine/asio.hpp"
@@ -22,6 +23,10 @@
 #include "libmachine/json.hpp"
 #include "libmachine/machine/console.hpp"
 #include "libmachine/machine/state.hpp"
+
+namespace qm {
+class Machine;
+}
 
 namespace qm::daemon {
 
@@ -111,6 +116,14 @@ struct SupervisorOptions
     std::size_t max_machines = 4096;
     // How many machines the daemon's own shutdown stops at once.
     std::size_t stop_concurrency = 16;
+    // QEMU's credentials, when they are to differ from the daemon's (it runs as root): set in the
+    // child before exec (proc::SpawnOptions).
+    std::optional<uid_t> qemu_uid{};
+    std::optional<gid_t> qemu_gid{};
+    std::vector<gid_t> qemu_groups{};
+    // Every QEMU runs under -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,
+    // resourcecontrol=deny (seccomp).
+    bool sandbox = true;
     EventBusOptions events{};
 };
 
@@ -134,6 +147,13 @@ public:
     // aside (returned, and logged). errc::invalid_argument when the runtime directory is too long
     // for socket paths.
     expected<std::vector<LoadProblem>> load();
+    // After load(), before serving anyone: takes over every QEMU that kept running while the
+    // daemon was down (its runtime record names a live process with the same start time and
+    // command line): watches it by pidfd, reconnects QMP and the console, and publishes
+    // MACHINE_REATTACHED. A machine whose QEMU died meanwhile is `crashed`; a QEMU whose machine
+    // has no definition any more is killed. Leaves no stale socket or record behind. Completes
+    // when every machine is settled.
+    awaitable<void> reattach();
     // Starts every autostart machine, concurrently; returns at once.
     void autostart();
 
@@ -181,6 +201,10 @@ public:
     // process is stopped gracefully (at most stop_concurrency at once, each with its own mode and
     // timeout). Completes when all have stopped.
     awaitable<void> shutdown();
+    // The daemon is going down and leaves the machines running (shutdown-policy leave-running):
+    // new operations fail with shutting_down, every QEMU is let go (connections closed, records,
+    // sockets and logs kept) for the next start's reattach(). Operations in progress are dropped.
+    void detach_all();
     bool shutting_down() const noexcept { return shutting_down_; }
 
 private:
@@ -203,6 +227,11 @@ private:
     void on_machine_exit(Entry& e);
     StopReason reason_from_exit(const Entry& e) const;
 
+    std::shared_ptr<Machine> make_machine(Entry& e);
+    awaitable<void> attach_one(std::shared_ptr<Entry> e, RuntimeRecord record, pid_t pid,
+                               int pidfd);
+    void settle_dead(Entry& e, const RuntimeRecord& record, const std::string& why);
+    void remove_runtime_files(const Entry& e, const RuntimeRecord* record);
     awaitable<expected<void>> do_start(std::shared_ptr<Entry> e);
     awaitable<expected<void>> do_stop(std::shared_ptr<Entry> e, StopOptions options);
     awaitable<void> cleanup_after_exit(std::shared_ptr<Entry> e);

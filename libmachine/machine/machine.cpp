@@ -27,6 +27,8 @@ namespace fs = std::filesystem;
 
 constexpr std::size_t max_io_log = std::size_t{64} * 1024;
 constexpr auto hard_kill_wait = 60s; // the seed's _hard_shutdown waits 60 s after SIGKILL
+// With pass_sockets, the -add-fd set of the console log (QEMU opens "/dev/fdset/N").
+constexpr int console_log_fdset = 999;
 unsigned machine_counter = 0;        // loop thread only, like everything here
 
 Error make_error(errc code, std::string message)
@@ -128,7 +130,7 @@ Machine::~Machine()
 {
     life_.reset(); // callbacks still queued see the machine is gone
     if (pid_ > 0 && !exit_status_) {
-        ::kill(pid_, SIGKILL);
+        watcher_.send_signal(pid_, SIGKILL);
         watcher_.forget(pid_); // still reaped when it exits: no zombie
     }
     if (client_) {
@@ -220,7 +222,16 @@ std::vector<std::string> Machine::base_args() const
     args.emplace_back("-name");
     args.push_back(fmt::format("guest={},process=qemu:{}", opt_escape(config_.name),
                                opt_escape(config_.name)));
-    if (qmp_set_) {
+    // With pass_sockets, the descriptors launch() hands over follow the -add-fd ones, in this
+    // order: the monitor, the console, the console log.
+    std::size_t next_fd = pass_fds_.size();
+    if (qmp_set_ && config_.pass_sockets) {
+        args.emplace_back("-chardev");
+        args.push_back(fmt::format("socket,id=mon,fd={},server=on,wait=off",
+                                   proc::inherited_fd_number(next_fd++)));
+        args.emplace_back("-mon");
+        args.emplace_back("chardev=mon,mode=control");
+    } else if (qmp_set_) {
         auto addr = const_cast<Machine*>(this)->monitor_address(); // NOLINT: pure computation
         std::string where = addr->kind == qmp::Address::Kind::unix_path
                                 ? "path=" + opt_escape(addr->path)
@@ -238,7 +249,25 @@ std::vector<std::string> Machine::base_args() const
         args.emplace_back("-serial");
         args.emplace_back("null");
     }
-    if (console_set_) {
+    if (console_set_ && config_.pass_sockets) {
+        std::string chardev = fmt::format("socket,id=console,fd={},server=on,wait=off",
+                                          proc::inherited_fd_number(next_fd++));
+        if (!config_.console_log.empty()) {
+            args.emplace_back("-add-fd");
+            args.push_back(fmt::format("fd={},set={},opaque=console-log",
+                                       proc::inherited_fd_number(next_fd++), console_log_fdset));
+            chardev += fmt::format(",logfile=/dev/fdset/{},logappend=on", console_log_fdset);
+        }
+        args.emplace_back("-chardev");
+        args.push_back(std::move(chardev));
+        if (console_device_type_) {
+            args.emplace_back("-device");
+            args.push_back(*console_device_type_ + ",chardev=console");
+        } else {
+            args.emplace_back("-serial");
+            args.emplace_back("chardev:console");
+        }
+    } else if (console_set_) {
         std::string chardev =
             "socket,id=console,path=" +
             opt_escape(const_cast<Machine*>(this)->console_socket_path()) + // NOLINT
@@ -378,10 +407,18 @@ void Machine::handle_exit(const proc::ExitStatus& status)
     const bool asked = shutting_down_ || quit_issued_ || user_killed_;
     const bool our_signal = status.kind == proc::ExitStatus::Kind::signaled &&
                             ((user_killed_ || shutting_down_) && status.signal == SIGKILL);
-    const bool crashed = status.kind == proc::ExitStatus::Kind::signaled
-                             ? !our_signal && !(shutting_down_ && status.signal == SIGTERM)
-                             : (status.kind == proc::ExitStatus::Kind::exited && status.code != 0 &&
-                                !asked);
+    bool crashed = false;
+    switch (status.kind) {
+    case proc::ExitStatus::Kind::signaled:
+        crashed = !our_signal && !(shutting_down_ && status.signal == SIGTERM);
+        break;
+    case proc::ExitStatus::Kind::exited: crashed = status.code != 0 && !asked; break;
+    case proc::ExitStatus::Kind::unknown:
+        // Not our child (attached): QEMU says SHUTDOWN before every orderly exit, so an exit
+        // nobody asked for without one is a crash.
+        crashed = !asked && shutdown_reason_.empty();
+        break;
+    }
     if (launching_) {
         for (auto& w : waiters_) {
             w->timer.cancel();
@@ -467,7 +504,7 @@ awaitable<expected<void>> Machine::launch()
         // The seed's launch(): clean up, then expose the command line and the output.
         if (pid_ > 0 && !exit_status_) {
             user_killed_ = true;
-            ::kill(pid_, SIGKILL);
+            watcher_.send_signal(pid_, SIGKILL);
             co_await wait_for_exit(hard_kill_wait);
         }
         post_shutdown();
@@ -501,20 +538,60 @@ awaitable<expected<void>> Machine::do_launch()
 {
     auto ex = ioc_.get_executor();
     // _pre_launch: the monitor socket first (QEMU connects to it), then the log file.
+    // With pass_sockets: the descriptors QEMU gets (monitor, console, console log), closed here
+    // once QEMU has its copies; the socket files stay until cleanup.
+    std::vector<int> handed;
+    auto close_handed = [&handed] {
+        for (int fd : handed) {
+            ::close(fd);
+        }
+        handed.clear();
+    };
     if (qmp_set_) {
         auto address = monitor_address();
+        if (config_.pass_sockets && address->kind != qmp::Address::Kind::unix_path) {
+            co_return fail(errc::invalid_argument,
+                           "a monitor served by QEMU needs a unix socket address");
+        }
         auto listener = qmp::Listener::open(ex, *address);
         if (!listener) {
             co_return fail(listener.error());
         }
-        listener_ = std::move(*listener);
+        if (config_.pass_sockets) {
+            handed.push_back(listener->release());
+            remove_files_.push_back(address->path);
+        } else {
+            listener_ = std::move(*listener);
+        }
     }
     if (console_set_) {
         const auto path = console_socket_path();
         if (path.size() >= 108) {
+            close_handed();
             co_return fail(errc::invalid_argument,
                            fmt::format("console socket path '{}' is longer than a unix socket "
                                        "path may be (107 bytes)", path));
+        }
+        if (config_.pass_sockets) {
+            auto listener = qmp::Listener::open(ex, qmp::Address::unix_socket(path));
+            if (!listener) {
+                close_handed();
+                co_return fail(listener.error());
+            }
+            handed.push_back(listener->release());
+            if (!config_.console_log.empty()) {
+                const int log = ::open(config_.console_log.c_str(),
+                                       O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0600);
+                if (log < 0) {
+                    const int err = errno;
+                    close_handed();
+                    ::unlink(path.c_str());
+                    co_return fail(errc::system_error,
+                                   fmt::format("cannot open the console log '{}': {}",
+                                               config_.console_log, std::strerror(err)));
+                }
+                handed.push_back(log);
+            }
         }
         remove_files_.push_back(path);
     }
@@ -524,10 +601,13 @@ awaitable<expected<void>> Machine::do_launch()
     }
     log_path_ = fmt::format("{}/{}.log", *dir, file_prefix());
     const int log_fd = ::open(log_path_.c_str(),
-                              O_WRONLY | O_CREAT | O_CLOEXEC |
-                                  (config_.log_append ? O_APPEND : O_TRUNC),
+                              // O_APPEND either way: whoever bounds the log may truncate it
+                              // under QEMU's feet.
+                              O_WRONLY | O_CREAT | O_CLOEXEC | O_APPEND | O_NOFOLLOW |
+                                  (config_.log_append ? 0 : O_TRUNC),
                               0600);
     if (log_fd < 0) {
+        close_handed();
         co_return fail(errc::system_error, fmt::format("cannot open the log '{}': {}", log_path_,
                                                        std::strerror(errno)));
     }
@@ -555,8 +635,14 @@ awaitable<expected<void>> Machine::do_launch()
     proc::SpawnOptions spawn_options;
     spawn_options.log_fd = log_fd;
     spawn_options.inherit_fds = pass_fds_;
+    spawn_options.inherit_fds.insert(spawn_options.inherit_fds.end(), handed.begin(),
+                                     handed.end());
+    spawn_options.uid = config_.run_as_uid;
+    spawn_options.gid = config_.run_as_gid;
+    spawn_options.groups = config_.run_as_groups;
     auto pid = proc::spawn(full_args_, spawn_options);
     ::close(log_fd);
+    close_handed(); // QEMU has its own copies; ours would keep the sockets alive after QEMU
     if (!pid) {
         co_return fail(pid.error());
     }
@@ -567,16 +653,27 @@ awaitable<expected<void>> Machine::do_launch()
             handle_exit(s);
         }
     });
+    if (on_spawn_) {
+        on_spawn_(pid_);
+    }
 
     if (!qmp_set_) {
         set_state(MachineState::running); // nothing tells us otherwise without a monitor
         co_return expected<void>{};
     }
 
-    // _post_launch: accept QEMU's connection. If QEMU exits first, handle_exit closes the
-    // listener and the accept ends at once.
-    auto socket = co_await listener_->accept(config_.qmp_timer);
-    listener_.reset(); // QEMU is connected (or gone): the socket file is not needed any more
+    expected<qmp::Socket> socket = fail(errc::invalid_state, "no monitor");
+    if (config_.pass_sockets) {
+        // The socket listens already: the connection waits in its backlog until QEMU's main loop
+        // accepts it and greets. If QEMU exits first, the pending connection is reset.
+        auto address = monitor_address();
+        socket = co_await qmp::connect_socket(*address, config_.qmp_timer);
+    } else {
+        // _post_launch: accept QEMU's connection. If QEMU exits first, handle_exit closes the
+        // listener and the accept ends at once.
+        socket = co_await listener_->accept(config_.qmp_timer);
+        listener_.reset(); // QEMU is connected (or gone): the socket file is not needed any more
+    }
     if (!socket) {
         if (exit_status_) {
             co_return fail(errc::spawn_failed,
@@ -584,6 +681,16 @@ awaitable<expected<void>> Machine::do_launch()
         }
         co_return fail(socket.error());
     }
+    auto negotiated = co_await negotiate(std::move(*socket));
+    if (!negotiated) {
+        co_return fail(negotiated.error());
+    }
+    co_return expected<void>{};
+}
+
+awaitable<expected<void>> Machine::negotiate(qmp::Socket socket)
+{
+    auto ex = ioc_.get_executor();
     qmp::ClientOptions client_options;
     client_options.name = config_.name;
     client_options.greeting_timeout = config_.qmp_timer;
@@ -597,7 +704,7 @@ awaitable<expected<void>> Machine::do_launch()
             }
         }
     });
-    auto greeting = co_await client_->start(std::move(*socket));
+    auto greeting = co_await client_->start(std::move(socket));
     if (!greeting) {
         if (exit_status_) {
             co_return fail(errc::spawn_failed,
@@ -605,15 +712,8 @@ awaitable<expected<void>> Machine::do_launch()
         }
         co_return fail(greeting.error());
     }
-    if (console_) {
-        // QEMU creates every -chardev before it starts its monitors, so once it has greeted us
-        // the console socket exists. Output before this moment is in the log only.
-        auto console = console_;
-        std::string path = console_socket_path();
-        auto connected = co_await console->connect(std::move(path));
-        if (!connected) {
-            co_return fail(connected.error());
-        }
+    if (auto console = co_await connect_console(); !console) {
+        co_return fail(console.error());
     }
     client_->on_disconnect([this, life = std::weak_ptr<int>(life_)](const Error& e) {
         if (life.expired() || exit_status_ || quit_issued_ || shutting_down_ ||
@@ -642,6 +742,129 @@ awaitable<expected<void>> Machine::do_launch()
                        "QEMU " + exit_status_->to_string() + " right after QMP negotiation");
     }
     co_return expected<void>{};
+}
+
+awaitable<expected<void>> Machine::connect_console()
+{
+    if (!console_) {
+        co_return expected<void>{};
+    }
+    // QEMU creates every -chardev before it starts its monitors, so once it has greeted us the
+    // console socket exists. Output before this moment is in the log only.
+    auto console = console_;
+    std::string path = console_socket_path();
+    co_return co_await console->connect(std::move(path));
+}
+
+//---- attach, detach ---------------------------------------------------------------------------
+
+awaitable<expected<void>> Machine::attach(AttachOptions options)
+{
+    if (launched_ || launching_) {
+        if (options.pidfd >= 0) {
+            ::close(options.pidfd);
+        }
+        co_return fail(errc::invalid_state, "VM already launched");
+    }
+    if (!qmp_set_ || !config_.pass_sockets) {
+        if (options.pidfd >= 0) {
+            ::close(options.pidfd);
+        }
+        co_return fail(errc::invalid_state, "attach needs a monitor served by QEMU");
+    }
+    iolog_.clear();
+    last_shutdown_step_ = ShutdownStep::none;
+    quit_issued_ = false;
+    user_killed_ = false;
+    sigkill_sent_ = false;
+    guest_shutdown_ = false;
+    shutdown_reason_.clear();
+    exit_status_.reset();
+    qemu_status_.clear();
+    full_args_ = std::move(options.argv);
+    pid_ = options.pid;
+    launching_ = true;
+    auto dir = log_dir();
+    if (dir) {
+        log_path_ = fmt::format("{}/{}.log", *dir, file_prefix());
+    }
+    auto on_exit = [this, life = std::weak_ptr<int>(life_)](pid_t, proc::ExitStatus s) {
+        if (!life.expired()) {
+            handle_exit(s);
+        }
+    };
+    if (options.pidfd >= 0) {
+        watcher_.watch_pidfd(pid_, options.pidfd, on_exit);
+    } else if (auto watched = watcher_.watch_pidfd(pid_, on_exit); !watched) {
+        launching_ = false;
+        pid_ = -1;
+        co_return fail(watched.error());
+    }
+    auto address = monitor_address();
+    remove_files_.push_back(address->path);
+    if (console_set_) {
+        remove_files_.push_back(console_socket_path());
+        ConsoleOptions console_options;
+        console_options.name = config_.name;
+        console_options.ring_size = config_.console_ring_size;
+        console_options.log_path = config_.console_log;
+        console_options.log_max = config_.console_log_max;
+        console_ = Console::create(ioc_.get_executor(), std::move(console_options));
+    }
+    set_state(MachineState::starting);
+    expected<void> result;
+    auto socket = co_await qmp::connect_socket(*address, config_.qmp_timer);
+    if (!socket) {
+        result = fail(socket.error());
+    } else {
+        result = co_await negotiate(std::move(*socket));
+    }
+    launching_ = false;
+    launched_ = true;
+    if (!result) {
+        if (exit_status_) {
+            // It exited meanwhile: handle_exit saw launching_ and left the state to us.
+            set_state(MachineState::crashed);
+            co_return fail(errc::spawn_failed, "QEMU exited while attaching: " +
+                                                   result.error().message);
+        }
+        // The process lives on without an answering monitor: shutdown() can still kill it.
+        if (client_) {
+            client_->close();
+        }
+        set_state(MachineState::unresponsive);
+        co_return fail(result.error());
+    }
+    if (exit_status_) {
+        set_state(MachineState::crashed);
+        co_return fail(errc::spawn_failed, "QEMU exited while attaching");
+    }
+    co_return expected<void>{};
+}
+
+void Machine::detach() noexcept
+{
+    if (!launched_ && !launching_) {
+        return;
+    }
+    // No callback runs for what follows: the process is not ending, we are leaving.
+    state_ = MachineState::defined;
+    if (pid_ > 0 && !exit_status_) {
+        watcher_.forget(pid_);
+    }
+    pid_ = -1;
+    for (auto& w : waiters_) {
+        w->timer.cancel();
+    }
+    if (client_) {
+        client_->close();
+    }
+    if (console_) {
+        console_->close();
+    }
+    listener_.reset();
+    remove_files_.clear(); // QEMU still serves its sockets
+    launched_ = false;
 }
 
 //---- shutdown ---------------------------------------------------------------------------------
@@ -679,7 +902,7 @@ awaitable<expected<void>> Machine::soft_shutdown(std::chrono::milliseconds timeo
     } else if (!has_quit && !exit_status_ && pid_ > 0) {
         // No monitor to ask (as upstream): ask politely with SIGTERM (the quit step).
         quit_issued_ = true;
-        ::kill(pid_, SIGTERM);
+        watcher_.send_signal(pid_, SIGTERM);
     }
     auto left = timeout;
     if (timeout != std::chrono::milliseconds::max()) {
@@ -748,7 +971,7 @@ awaitable<expected<void>> Machine::hard_shutdown()
     early_cleanup();
     if (!exit_status_ && pid_ > 0) {
         sigkill_sent_ = true;
-        ::kill(pid_, SIGKILL);
+        watcher_.send_signal(pid_, SIGKILL);
     }
     const bool exited = co_await wait_for_exit(hard_kill_wait);
     if (!exited) {
@@ -763,7 +986,7 @@ awaitable<expected<void>> Machine::shutdown(ShutdownOptions options)
         // A shutdown during launch kills the process; launch() then fails and cleans up.
         user_killed_ = true;
         if (pid_ > 0 && !exit_status_) {
-            ::kill(pid_, SIGKILL);
+            watcher_.send_signal(pid_, SIGKILL);
         }
         last_shutdown_step_ = ShutdownStep::kill;
         std::function<bool()> launch_over = [this] { return !launching_; };
@@ -832,7 +1055,7 @@ void Machine::kill_now() noexcept
     if (pid_ > 0 && !exit_status_) {
         user_killed_ = true;
         sigkill_sent_ = true;
-        ::kill(pid_, SIGKILL);
+        watcher_.send_signal(pid_, SIGKILL);
     }
 }
 

@@ -74,6 +74,29 @@ struct MachineConfig
     std::size_t event_queue_limit = 1024;
     // Append to QEMU's log rather than truncating it (the seed truncates).
     bool log_append = false;
+    // Beyond the seed: QEMU serves the monitor and the console on unix sockets the machine binds
+    // and hands over as descriptors (-chardev socket,fd=N,server=on,wait=off), and writes the
+    // console log to a descriptor (an -add-fd set): QEMU needs no access to any directory, and
+    // there is no wait for QEMU to create a file. The machine connects to the monitor right after
+    // the spawn. The socket files stay while QEMU runs and QEMU accepts a new client once the old
+    // one is gone, so that a supervisor that restarts can attach() again. Unix sockets only.
+    bool pass_sockets = false;
+    // Beyond the seed: the process's credentials and sandbox (see proc::SpawnOptions).
+    std::optional<uid_t> run_as_uid{};
+    std::optional<gid_t> run_as_gid{};
+    std::vector<gid_t> run_as_groups{};
+};
+
+// attach()'s description of a QEMU started earlier (by another process, or by this one before a
+// restart) with pass_sockets, the same name, file prefix and socket directory.
+struct AttachOptions
+{
+    pid_t pid = -1;
+    // A pidfd for `pid`, opened before the caller checked that `pid` is that QEMU (start time,
+    // command line); the machine owns it from the call on.
+    int pidfd = -1;
+    // The command line it was started with (for messages).
+    std::vector<std::string> argv{};
 };
 
 // How a graceful shutdown starts.
@@ -165,6 +188,22 @@ public:
     // Starts QEMU and completes once QMP is negotiated (at once without a monitor). On failure
     // nothing is left behind: no process, no socket file, no temporary directory.
     awaitable<expected<void>> launch();
+    // Beyond the seed: takes over a QEMU that is already running (see AttachOptions): watches it
+    // through its pidfd (its exit status is then unknown: it is not our child), connects to the
+    // monitor it serves, negotiates, asks query-status, and connects the console. Completes once
+    // QMP is negotiated. When the monitor does not answer, the machine still holds the process
+    // (state unresponsive: shutdown() then kills it) and the error says why. errc::invalid_state
+    // when launched already.
+    awaitable<expected<void>> attach(AttachOptions options);
+    // Beyond the seed: lets the process run on without us: closes the QMP and console connections,
+    // stops watching the process and leaves its socket files and logs, so that a later attach()
+    // (from a restarted supervisor) finds them. Afterwards the machine is as if never launched.
+    void detach() noexcept;
+    // Called right after the process was started (before QMP is negotiated) with its pid: a
+    // supervisor records it there, so that a crash of its own never leaves the process unknown.
+    void on_spawn(std::function<void(pid_t)> handler) { on_spawn_ = std::move(handler); }
+    // The command line of the current (or last) process, once launched.
+    const std::vector<std::string>& command_line() const noexcept { return full_args_; }
     // Graceful (quit, then wait up to the timeout), then hard (SIGKILL): the seed's ladder.
     // In powerdown mode system_powerdown and up to powerdown_timeout for the guest come first;
     // a guest that ignores the button ends in quit, which is still a success.
@@ -286,6 +325,8 @@ private:
     void early_cleanup();
     void post_shutdown();
     void handle_exit(const proc::ExitStatus& status);
+    awaitable<expected<void>> negotiate(qmp::Socket socket);
+    awaitable<expected<void>> connect_console();
     void handle_event(const qmp::Event& event);
     void set_state(MachineState s);
     void set_qemu_status(std::string_view status);
@@ -332,6 +373,7 @@ private:
     bool sigkill_sent_ = false;
     ShutdownStep last_shutdown_step_ = ShutdownStep::none;
 
+    std::function<void(pid_t)> on_spawn_;
     ExitHandler on_exit_;
     StateHandler on_state_change_;
     EventHandler on_event_;

@@ -168,6 +168,17 @@ expected<void> ChildWatcher::watch_pidfd(pid_t pid, ExitHandler handler)
         return fail(errc::system_error,
                     fmt::format("cannot watch process {}: pidfd_open: {}", pid, std::strerror(errno)));
     }
+    watch_pidfd(pid, fd, std::move(handler));
+    return {};
+}
+
+void ChildWatcher::watch_pidfd(pid_t pid, int fd, ExitHandler handler)
+{
+    if (auto it = pidfds_.find(pid); it != pidfds_.end()) {
+        error_code ignored;
+        it->second->descriptor.close(ignored);
+        pidfds_.erase(it);
+    }
     auto w = std::make_shared<PidfdWatch>(ioc_, fd);
     w->handler = std::move(handler);
     pidfds_[pid] = w;
@@ -184,7 +195,16 @@ expected<void> ChildWatcher::watch_pidfd(pid_t pid, ExitHandler handler)
                                      w->handler(pid, ExitStatus{});
                                  }
                              });
-    return {};
+}
+
+void ChildWatcher::send_signal(pid_t pid, int signal) noexcept
+{
+    if (auto it = pidfds_.find(pid); it != pidfds_.end()) {
+        // Through the pidfd: a process that is not our child may be gone and its pid reused.
+        ::syscall(SYS_pidfd_send_signal, it->second->descriptor.native_handle(), signal, nullptr, 0);
+        return;
+    }
+    ::kill(pid, signal);
 }
 
 void ChildWatcher::forget(pid_t pid)

@@ -61,6 +61,12 @@ public:
     void watch(pid_t pid, ExitHandler handler);
     // Watches any process by pidfd; the handler gets ExitStatus::Kind::unknown.
     expected<void> watch_pidfd(pid_t pid, ExitHandler handler);
+    // The same with a pidfd the caller opened (the watcher owns it from now on): open it before
+    // checking that `pid` is the expected process, and the check holds for the pidfd.
+    void watch_pidfd(pid_t pid, int pidfd, ExitHandler handler);
+    // Sends `signal` to a watched process: through its pidfd when it is watched by one (never to
+    // a process that reused the pid), else kill(2). Errors are ignored (it may be gone already).
+    void send_signal(pid_t pid, int signal) noexcept;
     // Stops watching (the handler will not be called). A watched child is still reaped.
     void forget(pid_t pid);
 

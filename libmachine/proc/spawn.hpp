@@ -6,6 +6,7 @@
 #include <sys/types.h>
 
 #include <cstddef>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -24,6 +25,13 @@ struct SpawnOptions
     // Descriptors the child inherits, as 3, 4, 5, ... in this order (see inherited_fd_number).
     // Every other descriptor is closed in the child, whatever its O_CLOEXEC flag.
     std::vector<int> inherit_fds{};
+    // Credentials of the child, set before exec (as libvirt does, not with QEMU's -runas, which
+    // QEMU 7.2 applies after its seccomp filter): supplementary groups first, then the group,
+    // then the user. Setting any of them needs the privilege to (CAP_SETUID/CAP_SETGID); a child
+    // that cannot drop them never runs the program (spawn fails, naming the step).
+    std::optional<uid_t> uid{};
+    std::optional<gid_t> gid{};
+    std::vector<gid_t> groups{};
 };
 
 // The descriptor number the child sees for inherit_fds[index].

@@ -219,6 +219,17 @@ void Listener::close()
     address_ = Address{};
 }
 
+int Listener::release()
+{
+    if (!acceptor_.is_open()) {
+        return -1;
+    }
+    error_code ec;
+    const int fd = acceptor_.release(ec);
+    address_ = Address{};
+    return ec ? -1 : fd;
+}
+
 awaitable<expected<Socket>> connect_socket(Address address, std::chrono::milliseconds timeout)
 {
     auto ex = co_await asio::this_coro::executor;

@@ -57,6 +57,10 @@ public:
     awaitable<expected<Socket>> accept(std::chrono::milliseconds timeout);
 
     void close();
+    // Gives up the listening socket: returns its descriptor (the caller owns it, O_CLOEXEC) and
+    // no longer owns the socket file (close() and the destructor leave it). For a monitor that
+    // QEMU serves on a socket bound here (-chardev socket,fd=N,server=on). -1 when closed.
+    int release();
 
 private:
     explicit Listener(const asio::any_io_executor& ex);
