@@ -92,13 +92,17 @@ inline std::vector<pid_t> children_of(pid_t pid)
     return out;
 }
 
-// The processes whose command line contains `text` (a temp dir: every QEMU a daemon started
-// names its runtime directory), sorted.
+// The processes whose command line or standard output mentions `text` (a temp dir: every QEMU a
+// daemon started writes its output to "<runtime>/m/<id>/qemu.log", though its command line names
+// no path: it gets its sockets as descriptors), sorted.
 inline std::vector<pid_t> processes_mentioning(std::string_view text)
 {
     std::vector<pid_t> out;
     for_each_process([&](pid_t pid, const std::filesystem::path& dir) {
-        if (read_whole_file(dir / "cmdline").find(text) != std::string::npos) {
+        std::error_code ec;
+        const auto output = std::filesystem::read_symlink(dir / "fd" / "1", ec).string();
+        if (read_whole_file(dir / "cmdline").find(text) != std::string::npos ||
+            output.find(text) != std::string::npos) {
             out.push_back(pid);
         }
     });
