@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "daemon/supervisor/events.hpp"
+#include "daemon/supervisor/qmp_policy.hpp"
 #include "daemon/supervisor/spec.hpp"
 #include "daemon/supervisor/store.hpp"
 #include "libmachine/asio.hpp"
@@ -112,6 +113,8 @@ struct SupervisorOptions
     // How many machines the daemon's own shutdown stops at once.
     std::size_t stop_concurrency = 16;
     EventBusOptions events{};
+    // What QMP passthrough refuses (errc::forbidden), before anything else is looked at.
+    QmpPolicy qmp_policy{};
 };
 
 // Owned by main (or a test); loop thread only; destroyed after shutdown() completed (it kills
