@@ -580,6 +580,51 @@ TEST_F(RestTest, QmpPolicyDeniesOverTheWire)
     expect_problem(r, 422, "QmpError");
 }
 
+// How often `text` occurs in `s`.
+std::size_t occurrences(const std::string& s, const std::string& text)
+{
+    std::size_t n = 0;
+    for (std::size_t at = s.find(text); at != std::string::npos; at = s.find(text, at + 1)) {
+        ++n;
+    }
+    return n;
+}
+
+// Every mutating call is one audit line in the daemon's log once it completed, naming the caller
+// (this process, from SO_PEERCRED); reads are not audited.
+TEST_F(RestTest, MutatingCallsAreAuditedOnce)
+{
+    const std::string caller = fmt::format(R"(caller="uid={} pid={}")", ::geteuid(), ::getpid());
+    const auto expect_once = [&](const std::string& line) {
+        ASSERT_TRUE(daemon().wait_for_output(line, 10s)) << line << "\n" << daemon_output();
+        EXPECT_EQ(occurrences(daemon_output(), line), 1u) << line << "\n" << daemon_output();
+    };
+    create("vm");
+    expect_once("audit: op=create machine=vm result=ok " + caller);
+    ASSERT_EQ(action("vm", "start").status, 200);
+    expect_once("audit: op=start machine=vm result=ok " + caller);
+    expect_problem(call("POST", "/v1/machines/vm/qmp", R"({"execute": "human-monitor-command"})"),
+                   403, "Forbidden");
+    expect_once("audit: op=qmp:human-monitor-command machine=vm result=Forbidden " + caller);
+    ASSERT_EQ(call("POST", "/v1/machines/vm/qmp", R"({"execute": "query-status"})").status, 200);
+    expect_once("audit: op=qmp:query-status machine=vm result=ok " + caller);
+    expect_problem(call("DELETE", "/v1/machines/vm"), 409, "StateConflict");
+    expect_once("audit: op=delete machine=vm result=StateConflict " + caller);
+    expect_problem(call("POST", "/v1/machines", create_body("bad name")), 400, "InvalidArgument");
+    expect_once(R"(audit: op=create machine="bad name" result=InvalidArgument )" + caller);
+    expect_problem(action("nope", "kill"), 404, "NoSuchMachine");
+    expect_once("audit: op=kill machine=nope result=NoSuchMachine " + caller);
+
+    // Reads change nothing and are not audited.
+    ASSERT_EQ(call("GET", "/v1/machines").status, 200);
+    ASSERT_EQ(call("GET", "/v1/machines/vm").status, 200);
+    ASSERT_EQ(call("GET", "/v1/machines/vm/log").status, 200);
+    ASSERT_EQ(call("GET", "/v1/health").status, 200);
+    ASSERT_EQ(action("vm", "stop").status, 200);
+    expect_once("audit: op=stop machine=vm result=ok " + caller);
+    EXPECT_EQ(occurrences(daemon_output(), "audit: "), 8u) << daemon_output();
+}
+
 TEST_F(RestTest, PutSpecNeedsTheGenerationAndAStoppedMachine)
 {
     create("vm");
@@ -1497,6 +1542,14 @@ TEST_F(RestTcpTest, TokenIsRequired)
     }
     // The unix socket needs none.
     EXPECT_EQ(call("GET", "/v1/machines/tcp").status, 200);
+
+    // The audit line names the TCP peer; refused requests never reached an operation.
+    const std::string line = R"(audit: op=create machine=tcp result=ok caller="tcp=127.0.0.1:)";
+    ASSERT_TRUE(daemon().wait_for_output(line, 10s)) << daemon_output();
+    const std::string out = daemon_output();
+    const std::string rest = out.substr(out.find(line) + line.size());
+    EXPECT_TRUE(rest.substr(0, rest.find('\n')).ends_with(R"( token")")) << rest;
+    EXPECT_EQ(occurrences(out, "audit: "), 2u) << out; // create vm (unix), create tcp
 }
 
 TEST_F(RestTcpTest, EarlyAnswersSurviveUnreadBodiesOverTcp)
