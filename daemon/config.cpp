@@ -145,7 +145,7 @@ struct Flags
     std::optional<std::string> runtime_dir;
     std::optional<spdlog::level::level_enum> log_level;
     std::optional<std::string> config_file;
-    // The other settings (rest-*), in order, applied over the file.
+    // The other settings (rest-*, shutdown-policy, qemu-*, qmp-*), in order, applied over the file.
     std::vector<std::pair<std::string, std::string>> settings;
     bool help = false;
     bool version = false;
@@ -167,14 +167,67 @@ expected<std::string> absolute_from_flag(std::string_view flag, const std::strin
 }
 
 // The settings beyond the directories and the log level: same key in the file and as a flag.
-constexpr std::array<std::string_view, 7> other_settings{
-    "rest-socket",          "rest-listen",   "rest-allow-remote",    "rest-token-file",
-    "rest-max-connections", "rest-max-body", "rest-request-timeout",
+constexpr std::array<std::string_view, 13> other_settings{
+    "rest-socket",          "rest-listen",     "rest-allow-remote", "rest-token-file",
+    "rest-max-connections", "rest-max-body",   "rest-request-timeout",
+    "shutdown-policy",      "qemu-user",       "qemu-sandbox",      "qemu-log-max",
+    "qmp-allow",            "qmp-deny",
 };
 
 bool is_other_setting(std::string_view key)
 {
     return std::find(other_settings.begin(), other_settings.end(), key) != other_settings.end();
+}
+
+// Settings whose empty value means something ("qemu-user =": QEMU runs as qmachined's user;
+// "qmp-allow =": no command).
+bool may_be_empty(std::string_view key)
+{
+    return key == "qemu-user" || key == "qmp-allow" || key == "qmp-deny";
+}
+
+struct ShutdownPolicyName
+{
+    ShutdownPolicy policy;
+    std::string_view name;
+};
+constexpr std::array<ShutdownPolicyName, 2> shutdown_policies{{
+    {ShutdownPolicy::leave_running, "leave-running"},
+    {ShutdownPolicy::stop_machines, "stop-machines"},
+}};
+
+// A user name as useradd(8) makes them, and nothing a shell or a path would read differently.
+bool is_user_name(std::string_view s)
+{
+    return !s.empty() && s.size() <= 256 && s.front() != '-' &&
+           std::all_of(s.begin(), s.end(), [](char c) {
+               return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+                      c == '.' || c == '_' || c == '-';
+           });
+}
+
+// "a, b,c" -> {"a", "b", "c"}; "" -> {}. Each a QMP command name.
+expected<std::vector<std::string>> parse_command_list(std::string_view key, std::string_view value)
+{
+    std::vector<std::string> out;
+    if (trim(value).empty()) {
+        return out;
+    }
+    for (std::size_t start = 0; start <= value.size();) {
+        const std::size_t comma = std::min(value.find(',', start), value.size());
+        const std::string_view name = trim(value.substr(start, comma - start));
+        if (!valid_qmp_command_name(name)) {
+            return fail(errc::invalid_argument,
+                        fmt::format("{}: '{}' is not a QMP command name (letters, digits, '-' and "
+                                    "'_')",
+                                    key, name));
+        }
+        if (std::find(out.begin(), out.end(), name) == out.end()) {
+            out.emplace_back(name);
+        }
+        start = comma + 1;
+    }
+    return out;
 }
 
 expected<std::uint64_t> parse_count(std::string_view key, std::string_view value, std::uint64_t min,
@@ -233,6 +286,41 @@ expected<void> apply_setting(Config& c, std::string_view key, const std::string&
                                     value));
         }
         c.rest_request_timeout = std::chrono::milliseconds(static_cast<std::int64_t>(secs * 1000));
+    } else if (key == "shutdown-policy") {
+        const auto it = std::find_if(shutdown_policies.begin(), shutdown_policies.end(),
+                                     [&](const ShutdownPolicyName& p) { return p.name == value; });
+        if (it == shutdown_policies.end()) {
+            return fail(errc::invalid_argument,
+                        fmt::format("{}: '{}' is not one of leave-running, stop-machines", key,
+                                    value));
+        }
+        c.shutdown_policy = it->policy;
+    } else if (key == "qemu-user") {
+        if (!value.empty() && !is_user_name(value)) {
+            return fail(errc::invalid_argument,
+                        fmt::format("{}: '{}' is not a user name (letters, digits, '.', '_' and "
+                                    "'-', not first)",
+                                    key, value));
+        }
+        c.qemu_user = value;
+    } else if (key == "qemu-sandbox") {
+        if (value != "on" && value != "off") {
+            return fail(errc::invalid_argument,
+                        fmt::format("{}: '{}' is not on or off", key, value));
+        }
+        c.qemu_sandbox = value == "on";
+    } else if (key == "qemu-log-max") {
+        auto n = parse_count(key, value, 0, std::uint64_t{1} << 40);
+        if (!n) {
+            return fail(std::move(n).error());
+        }
+        c.qemu_log_max = *n;
+    } else if (key == "qmp-allow" || key == "qmp-deny") {
+        auto names = parse_command_list(key, value);
+        if (!names) {
+            return fail(std::move(names).error());
+        }
+        (key == "qmp-allow" ? c.qmp_allow : c.qmp_deny) = std::move(*names);
     }
     return {};
 }
@@ -283,7 +371,7 @@ expected<Flags> parse_flags(const std::vector<std::string>& args)
                 value = args[++i];
             }
         }
-        if (!value || value->empty()) {
+        if (!value || (value->empty() && !may_be_empty(std::string_view(name).substr(2)))) {
             return fail(errc::invalid_argument, fmt::format("option '{}' needs a value", name));
         }
 
@@ -327,6 +415,24 @@ expected<Flags> parse_flags(const std::vector<std::string>& args)
 }
 
 } // namespace
+
+const char* to_string(ShutdownPolicy p) noexcept
+{
+    for (const auto& n : shutdown_policies) {
+        if (n.policy == p) {
+            return n.name.data();
+        }
+    }
+    return "unknown";
+}
+
+QmpPolicy qmp_policy(const Config& config)
+{
+    QmpPolicy policy;
+    policy.allow = config.qmp_allow;
+    policy.deny = config.qmp_deny;
+    return policy;
+}
 
 expected<Config> default_config(bool as_root, const GetEnv& getenv)
 {
@@ -456,7 +562,7 @@ expected<void> apply_config_text(Config& config, const std::string& text, const 
             !is_other_setting(key)) {
             return bad(fmt::format("unknown key '{}'", key));
         }
-        if (value.empty()) {
+        if (value.empty() && !may_be_empty(key)) {
             return bad(fmt::format("{}: needs a value", key));
         }
         if (is_other_setting(key)) {
@@ -642,6 +748,35 @@ expected<std::pair<std::string, std::uint16_t>> parse_listen_address(std::string
     return std::pair{host, static_cast<std::uint16_t>(*port)};
 }
 
+namespace {
+
+// "add-fd, getfd, ..., migrate to exec:, ..." (the QMP policy's default deny set), wrapped for
+// usage(): continuation lines indented as the descriptions are.
+std::string denied_list()
+{
+    constexpr std::size_t width = 72;
+    std::string out;
+    std::size_t line = 0;
+    const auto set = default_denied_qmp_commands();
+    for (std::size_t i = 0; i < set.size(); ++i) {
+        std::string item(set[i].command);
+        item += set[i].exec_uri_only ? " to exec:" : "";
+        item += i + 1 < set.size() ? "," : "";
+        if (line > 0 && line + 1 + item.size() > width) {
+            out += "\n                         ";
+            line = 0;
+        } else if (line > 0) {
+            out += ' ';
+            ++line;
+        }
+        out += item;
+        line += item.size();
+    }
+    return out;
+}
+
+} // namespace
+
 std::string usage()
 {
     return fmt::format(
@@ -656,9 +791,9 @@ Options (each as "--option value" or "--option=value"; the last one given wins):
                          default: {} as root, else $XDG_RUNTIME_DIR/qmachined
   --log-level LEVEL    log at LEVEL and above: {}
                          default: info
-  --config FILE        read options from FILE first ("key = value" lines with the keys
-                         state-dir, runtime-dir, log-level, rest-*; '#' comments; absolute paths);
-                         options given here override it
+  --config FILE        read options from FILE first ("key = value" lines, the keys are the
+                         options below without the dashes, except config, help and version;
+                         '#' comments; absolute paths); options given here override it
                          default: none
   --rest-socket PATH   serve the REST API on the unix socket PATH (mode 0660), or "none"
                          default: RUNTIME-DIR/qmachined.sock
@@ -677,12 +812,33 @@ Options (each as "--option value" or "--option=value"; the last one given wins):
                        request bodies at most (default 1048576)
   --rest-request-timeout SECONDS
                        a request must arrive within this (default 30)
+  --shutdown-policy POLICY
+                       what qmachined's own stop does to running machines: leave-running
+                         (they keep running; the next qmachined takes them over) or
+                         stop-machines (each is stopped as its spec's shutdown says)
+                         default: leave-running
+  --qemu-user USER     run QEMU as USER when qmachined runs as root; "" (an empty value):
+                         as qmachined's own user
+                         default: qmachined-qemu
+  --qemu-sandbox on|off
+                       QEMU's seccomp sandbox (-sandbox)
+                         default: on
+  --qemu-log-max BYTES
+                       keep each machine's QEMU output log under BYTES (0: unbounded)
+                         default: 1048576
+  --qmp-allow CMD[,CMD]...
+                       QMP passthrough commands to lift from the default deny set:
+                         {}
+                         default: none
+  --qmp-deny CMD[,CMD]...
+                       QMP passthrough commands to deny besides those (wins over --qmp-allow)
+                         default: none
   -h, --help           print this help and exit
   --version            print the version and exit
 
 Directories are created with mode 0700.
 )",
-        root_state_dir, root_runtime_dir, level_list());
+        root_state_dir, root_runtime_dir, level_list(), denied_list());
 }
 
 } // namespace qm::daemon

@@ -15,9 +15,18 @@
 
 #include <spdlog/common.h>
 
+#include "daemon/supervisor/qmp_policy.hpp"
 #include "libmachine/expected.hpp"
 
 namespace qm::daemon {
+
+// What happens to running machines when qmachined stops (SIGTERM, systemctl stop).
+enum class ShutdownPolicy {
+    leave_running, // they keep running; the next qmachined takes them over (the default)
+    stop_machines, // each is stopped by its spec's shutdown (graceful, then killed)
+};
+// "leave-running", "stop-machines".
+const char* to_string(ShutdownPolicy p) noexcept;
 
 struct Config
 {
@@ -34,7 +43,19 @@ struct Config
     std::size_t rest_max_connections = 1024;
     std::size_t rest_max_body = 1024 * 1024;
     std::chrono::milliseconds rest_request_timeout{30000};
+
+    // Machines and QEMU (keys shutdown-policy, qemu-*, qmp-*; see usage()).
+    ShutdownPolicy shutdown_policy = ShutdownPolicy::leave_running;
+    // The user QEMU runs as when qmachined runs as root; empty: qmachined's own user.
+    std::string qemu_user = "qmachined-qemu";
+    bool qemu_sandbox = true;              // QEMU's seccomp sandbox (-sandbox on,...)
+    std::vector<std::string> qmp_allow;    // lifted from the QMP policy's default deny set
+    std::vector<std::string> qmp_deny;     // denied besides it
+    std::uint64_t qemu_log_max = 1048576;  // bytes of each machine's QEMU output log; 0: unbounded
 };
+
+// The QMP passthrough policy of qmp-allow and qmp-deny.
+QmpPolicy qmp_policy(const Config& config);
 
 // The unix socket path (rest_socket with its default filled in; empty for "none").
 std::string rest_socket_path(const Config& config);
@@ -75,9 +96,11 @@ expected<CommandLine> parse_command_line(const std::vector<std::string>& args, b
                                          const GetEnv& getenv);
 
 // Applies a configuration file's text to `config`: lines "key = value" (keys as the long flags
-// without dashes: state-dir, runtime-dir, log-level), blank lines and comments ('#' at the start
-// of a line or after white space, to the end of the line). Relative paths are an error, as are
-// unknown keys and lines without '='; messages start "<origin>:<line>: ". `origin` names the file.
+// without dashes: state-dir, runtime-dir, log-level, rest-*, ...), blank lines and comments ('#'
+// at the start of a line or after white space, to the end of the line). Relative paths are an
+// error, as are unknown keys, lines without '=' and empty values (except for qemu-user, qmp-allow
+// and qmp-deny, where empty means something); messages start "<origin>:<line>: ". `origin` names
+// the file.
 expected<void> apply_config_text(Config& config, const std::string& text,
                                  const std::string& origin);
 // Reads and applies `path` (errc::system_error when it cannot be read).

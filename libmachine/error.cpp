@@ -9,7 +9,7 @@ namespace qm {
 namespace {
 
 // Public API via REST/D-Bus (error names derive from these), do not change.
-constexpr std::array<std::pair<errc, const char*>, 21> errc_names{{
+constexpr std::array<std::pair<errc, const char*>, 22> errc_names{{
     {errc::invalid_argument, "invalid_argument"},
     {errc::invalid_state, "invalid_state"},
     {errc::timeout, "timeout"},
@@ -31,6 +31,7 @@ constexpr std::array<std::pair<errc, const char*>, 21> errc_names{{
     {errc::access_denied, "access_denied"},
     {errc::stale_generation, "stale_generation"},
     {errc::internal, "internal"},
+    {errc::forbidden, "forbidden"},
 }};
 
 // NOLINTNEXTLINE(cppcoreguidelines-virtual-class-destructor): one static instance, never deleted
@@ -62,6 +63,7 @@ public:
         case errc::access_denied: return "access denied";
         case errc::stale_generation: return "the spec was changed since that generation";
         case errc::internal: return "internal error";
+        case errc::forbidden: return "forbidden by qmachined's policy";
         }
         return "unknown qmachined error";
     }

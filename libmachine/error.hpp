@@ -61,10 +61,13 @@ enum class errc { // NOLINT(readability-identifier-naming): mirrors std::errc
     stale_generation,
     // A bug: an exception escaped an operation. The message says what it was.
     internal,
+    // qmachined's policy refuses the request whoever asks (a QMP command denied for passthrough:
+    // human-monitor-command, getfd, migrate to exec:, ...); the configuration can change it.
+    forbidden,
 };
 // Every errc is in [errc_first, errc_last], without gaps (tests walk the range).
 inline constexpr errc errc_first = errc::invalid_argument;
-inline constexpr errc errc_last = errc::internal;
+inline constexpr errc errc_last = errc::forbidden;
 
 const boost::system::error_category& qm_category() noexcept;
 

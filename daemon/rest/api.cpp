@@ -16,6 +16,7 @@
 
 #include <fmt/format.h>
 
+#include "daemon/supervisor/errors.hpp"
 #include "daemon/supervisor/spec.hpp"
 #include "daemon/supervisor/supervisor.hpp"
 #include "libmachine/json.hpp"
@@ -179,6 +180,55 @@ std::variant<std::optional<std::chrono::milliseconds>, Response> seconds_member(
         std::chrono::milliseconds(static_cast<std::int64_t>(std::llround(v->GetDouble() * 1000)))};
 }
 
+// The operation a route stands for in the audit line; empty for routes that change nothing.
+std::string_view audited_op(Route route)
+{
+    switch (route) {
+    case Route::machines_create:
+        return "create";
+    case Route::spec_put:
+        return "update";
+    case Route::machine_delete:
+        return "delete";
+    case Route::start:
+        return "start";
+    case Route::stop:
+        return "stop";
+    case Route::kill:
+        return "kill";
+    case Route::pause:
+        return "pause";
+    case Route::resume:
+        return "resume";
+    case Route::restart:
+        return "restart";
+    case Route::qmp:
+        return "qmp";
+    case Route::version:
+    case Route::health:
+    case Route::machines_list:
+    case Route::machine_get:
+    case Route::log:
+    case Route::console_log:
+        break;
+    }
+    return {};
+}
+
+// `r` for the machine a create names (for the audit line).
+Response for_machine(Response r, const std::string& name)
+{
+    r.machine = name;
+    return r;
+}
+
+// `r` for the QMP command sent (for the audit line).
+Response for_command(Response r, const std::string& command)
+{
+    r.qmp_command = command;
+    return r;
+}
+
 } // namespace
 
 Response problem_response(const Problem& p)
@@ -187,6 +237,7 @@ Response problem_response(const Problem& p)
     r.status = p.status;
     r.content_type = problem_media_type;
     r.body = problem_body(p);
+    r.problem = p.name;
     if (p.status == 401) {
         r.headers.emplace_back("WWW-Authenticate", "Bearer realm=\"qmachined\"");
     }
@@ -287,14 +338,42 @@ awaitable<Response> Api::handle(Request req)
     RouteMatch m = std::move(std::get<RouteMatch>(matched));
     const Route route = m.route;
     const std::string_view label = route_info(route).name;
+    const std::string_view op = audited_op(route);
+    if (op.empty()) {
+        Response r = co_await dispatch(std::move(m), std::move(req));
+        r.route = label;
+        co_return r;
+    }
 
+    // A mutating route: one audit line once it completed, whatever the outcome.
+    const daemon::Caller caller = std::move(req.caller);
+    const std::string name = m.name;
+    Response r;
+    try {
+        r = co_await dispatch(std::move(m), std::move(req));
+    } catch (...) {
+        // A bug (the session answers 500 Internal); the call is audited all the same.
+        daemon::audit(caller, op, name, daemon::error_info(errc::internal).name);
+        throw;
+    }
+    r.route = label;
+    std::string full_op(op);
+    if (route == Route::qmp && !r.qmp_command.empty()) {
+        full_op += ":" + r.qmp_command;
+    }
+    const std::string& machine = route == Route::machines_create ? r.machine : name;
+    daemon::audit(caller, full_op, machine, r.problem.empty() ? std::string_view("ok") : r.problem);
+    co_return r;
+}
+
+awaitable<Response> Api::dispatch(RouteMatch m, Request req)
+{
+    const Route route = m.route;
     // Every route with a {name}: the name first (400 naming the field), then the route.
     if (route_info(route).pattern.find("{name}") != std::string_view::npos) {
         auto valid = daemon::validate_name(m.name);
         if (!valid) {
-            Response r = bad_request(valid.error().message, "name");
-            r.route = label;
-            co_return r;
+            co_return bad_request(valid.error().message, "name");
         }
     }
     std::optional<Response> bad_query;
@@ -311,7 +390,6 @@ awaitable<Response> Api::handle(Request req)
         break;
     }
     if (bad_query) {
-        bad_query->route = label;
         co_return std::move(*bad_query);
     }
 
@@ -354,7 +432,6 @@ awaitable<Response> Api::handle(Request req)
         r = co_await action(route, m.name, std::move(req));
         break;
     }
-    r.route = label;
     co_return r;
 }
 
@@ -468,21 +545,22 @@ awaitable<Response> Api::create(Request req)
     std::string name_str(name->GetString(), name->GetStringLength());
     auto valid = daemon::validate_name(name_str);
     if (!valid) {
-        co_return bad_request(valid.error().message, "name");
+        co_return for_machine(bad_request(valid.error().message, "name"), name_str);
     }
     json::Document spec(rapidjson::kObjectType);
     if (const json::Value* s = json::find(doc, "spec")) {
         if (!s->IsObject()) {
-            co_return bad_request("spec must be a JSON object", "spec");
+            co_return for_machine(bad_request("spec must be a JSON object", "spec"), name_str);
         }
         spec.CopyFrom(*s, spec.GetAllocator());
     }
     auto created = co_await supervisor_.create(name_str, std::move(spec));
     if (!created) {
-        co_return problem_response(make_problem(created.error()));
+        co_return for_machine(problem_response(make_problem(created.error())), name_str);
     }
     Response r = machine_response(201, created->machine, created->seq);
     r.headers.emplace_back("Location", "/v1/machines/" + name_str);
+    r.machine = name_str;
     co_return r;
 }
 
@@ -566,28 +644,29 @@ awaitable<Response> Api::qmp(std::string name, Request req)
         execute->GetStringLength() > 128) {
         co_return bad_request("execute must be a QMP command name (1 to 128 characters)", "execute");
     }
+    const std::string command(execute->GetString(), execute->GetStringLength());
     json::Document arguments;
     if (const json::Value* args = json::find(doc, "arguments")) {
         if (!args->IsObject()) {
-            co_return bad_request("arguments must be a JSON object", "arguments");
+            co_return for_command(bad_request("arguments must be a JSON object", "arguments"),
+                                  command);
         }
         arguments.CopyFrom(*args, arguments.GetAllocator());
     }
     auto timeout = seconds_member(doc, "timeout_s", 3600, false);
     if (auto* problem = std::get_if<Response>(&timeout)) {
-        co_return std::move(*problem);
+        co_return for_command(std::move(*problem), command);
     }
-    std::string command(execute->GetString(), execute->GetStringLength());
     auto deadline = std::get<std::optional<std::chrono::milliseconds>>(timeout);
-    auto result = co_await supervisor_.qmp(name, std::move(command), std::move(arguments), deadline);
+    auto result = co_await supervisor_.qmp(name, command, std::move(arguments), deadline);
     if (!result) {
-        co_return problem_response(make_problem(result.error()));
+        co_return for_command(problem_response(make_problem(result.error())), command);
     }
     json::Document d(rapidjson::kObjectType);
     auto& a = d.GetAllocator();
     d.AddMember("return", json::Value(result->value, a), a);
     d.AddMember("event_seq", result->seq, a);
-    co_return json_response(200, json::to_string(d));
+    co_return for_command(json_response(200, json::to_string(d)), command);
 }
 
 awaitable<Response> Api::action(Route route, std::string name, Request req)

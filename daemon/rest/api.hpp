@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "daemon/audit.hpp"
 #include "daemon/rest/problem.hpp"
 #include "daemon/rest/router.hpp"
 #include "libmachine/asio.hpp"
@@ -28,6 +29,8 @@ struct Request
     std::string content_type;
     std::optional<std::string> if_match;
     std::string body;
+    // Who sent it (the session describes its peer once, at accept): for the audit line.
+    daemon::Caller caller;
 };
 
 struct Response
@@ -38,6 +41,12 @@ struct Response
     std::vector<std::pair<std::string, std::string>> headers; // Location, ETag, Allow, ...
     // The route's label for logs and metrics ("machine.start"; "unmatched" for 404/405).
     std::string_view route = "unmatched";
+    // The problem's name ("NoSuchMachine"); empty for a success.
+    std::string problem;
+    // For the audit line, what only the body says, once a handler read it: the machine a create
+    // names, the QMP command sent. Empty when the request failed before.
+    std::string machine;
+    std::string qmp_command;
 };
 
 // The response of a problem (with Allow for 405, WWW-Authenticate for 401).
@@ -60,7 +69,9 @@ struct ApiOptions
 
 // Owned by the daemon; loop thread only; holds the supervisor by reference (it outlives the Api).
 // Every failure is a response (a problem), never an exception; an exception that escapes a handler
-// is a bug, answered 500 Internal by the session.
+// is a bug, answered 500 Internal by the session. Every request on a mutating route (create,
+// update, delete, the actions, qmp) is audited once it completed (daemon/audit.hpp), failures and
+// exceptions included; GETs are not.
 class Api
 {
 public:
@@ -76,6 +87,8 @@ private:
     Response list() const;
     Response get(const std::string& name) const;
     Response log(const std::string& name, const Query& query, bool console) const;
+    // The route's handler, after the name and query checks.
+    awaitable<Response> dispatch(RouteMatch m, Request req);
     awaitable<Response> create(Request req);
     awaitable<Response> remove(std::string name, Query query);
     awaitable<Response> put_spec(std::string name, Request req);

@@ -12,10 +12,12 @@
 #include <cerrno>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "daemon/audit.hpp"
 #include "daemon/rest/beast.hpp"
 #include "libmachine/deadline.hpp"
 
@@ -391,6 +393,20 @@ template <class Protocol>
 awaitable<void> Server::session(typename Protocol::socket socket, bool needs_token, std::uint64_t id)
 {
     std::weak_ptr<int> alive = life_;
+    // Who is at the other end, for the audit lines: read once, at accept (SO_PEERCRED gives the
+    // credentials of connect() anyway).
+    daemon::Caller caller;
+    if constexpr (std::is_same_v<Protocol, asio::local::stream_protocol>) {
+        caller = daemon::unix_socket_caller(socket.native_handle());
+    } else {
+        error_code peer_ec;
+        const auto peer = socket.remote_endpoint(peer_ec);
+        if (peer_ec) {
+            caller.description = "tcp=? token";
+        } else {
+            caller = daemon::tcp_caller(peer.address().to_string(), peer.port());
+        }
+    }
     bool timed_out = false;
     Slot slot;
     slot.close = [&socket] {
@@ -523,6 +539,7 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
                 request.if_match = std::string(it->value());
             }
             request.body = std::move(msg.body());
+            request.caller = caller;
             try {
                 response = co_await api_.handle(std::move(request));
             } catch (const std::exception& e) {

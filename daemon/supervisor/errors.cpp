@@ -12,7 +12,7 @@ namespace {
 // D-Bus names are public API: clients match on them. Statuses follow RFC 9110 section 15.
 // Two lines a row, laid out by hand (clang-format would wrap each row differently).
 // clang-format off
-constexpr std::array<ErrorInfo, 21> table{{
+constexpr std::array<ErrorInfo, 22> table{{
     {errc::invalid_argument, "InvalidArgument", 400, "Invalid argument",
      "urn:qmachined:error:InvalidArgument", "org.qmachined1.Error.InvalidArgument"},
     {errc::invalid_state, "StateConflict", 409, "Not allowed in the machine's current state",
@@ -55,6 +55,8 @@ constexpr std::array<ErrorInfo, 21> table{{
      "urn:qmachined:error:StaleGeneration", "org.qmachined1.Error.StaleGeneration"},
     {errc::internal, "Internal", 500, "Internal error",
      "urn:qmachined:error:Internal", "org.qmachined1.Error.Internal"},
+    {errc::forbidden, "Forbidden", 403, "Forbidden by policy",
+     "urn:qmachined:error:Forbidden", "org.qmachined1.Error.Forbidden"},
 }};
 // clang-format on
 

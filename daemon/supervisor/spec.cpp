@@ -8,7 +8,9 @@
 #include <cstddef>
 #include <random>
 #include <stdexcept>
+#include <string>
 #include <utility>
+#include <vector>
 
 #include <fmt/format.h>
 #include <rapidjson/document.h>
@@ -385,11 +387,52 @@ expected<void> check_values(const json::Value& v, const rapidjson::Value& node,
     return {};
 }
 
-// Options qmachined sets itself: with them QEMU would detach from its supervisor, expose a second
-// monitor or change its identity, pid file or root. Sorted.
-constexpr std::array<std::string_view, 9> managed_options{
-    "chroot", "daemonize", "mon", "monitor", "name", "pidfile", "qmp", "qmp-pretty", "runas",
+// Options qmachined sets itself, or that would take the machine out of its hands. Sorted (looked
+// up with binary_search), without the leading dashes.
+constexpr std::array<std::string_view, 12> managed_options{
+    "add-fd",     // passes host descriptors to QEMU: qmachined owns fd passing
+    "chroot",     // changes QEMU's root: qmachined decides where QEMU runs
+    "daemonize",  // QEMU would detach from its supervisor
+    "mon",        // a second monitor, outside the QMP policy
+    "monitor",    // the same
+    "name",       // qmachined names the process (and its guest) itself
+    "pidfile",    // writes a file on the host wherever the spec says
+    "qmp",        // a second QMP monitor, outside the QMP policy
+    "qmp-pretty", // the same
+    "runas",      // changes QEMU's user: qmachined decides who QEMU runs as
+    "sandbox",    // qmachined sets QEMU's seccomp sandbox; a spec must not relax it
+    "uuid",       // the spec's uuid field is the machine's identity; qmachined passes it
 };
+static_assert(std::is_sorted(managed_options.begin(), managed_options.end()));
+
+// Chardev ids qmachined uses for its own chardevs (the QMP monitor, the serial console): a spec's
+// chardev with one of them would take their place or make QEMU refuse the duplicate.
+constexpr std::array<std::string_view, 2> reserved_chardev_ids{"console", "mon"};
+
+// Every value of `key` in a QemuOpts string ("socket,id=mon,path=/x"): options are separated by
+// ',', and ",," is a comma inside a value (qemu-options.hx, QemuOpts), so "path=/x,,id=mon" has no
+// id.
+std::vector<std::string> opts_values(std::string_view opts, std::string_view key)
+{
+    std::vector<std::string> out;
+    std::string item;
+    for (std::size_t i = 0; i <= opts.size(); ++i) {
+        if (i < opts.size() && opts[i] == ',' && i + 1 < opts.size() && opts[i + 1] == ',') {
+            item += ',';
+            ++i;
+            continue;
+        }
+        if (i == opts.size() || opts[i] == ',') {
+            if (item.size() > key.size() && item.starts_with(key) && item[key.size()] == '=') {
+                out.push_back(item.substr(key.size() + 1));
+            }
+            item.clear();
+            continue;
+        }
+        item += opts[i];
+    }
+    return out;
+}
 
 expected<void> check_args(const std::vector<std::string>& args)
 {
@@ -407,6 +450,28 @@ expected<void> check_args(const std::vector<std::string>& args)
             return fail(
                 errc::invalid_argument,
                 fmt::format("spec.args[{}]: '{}' is managed by qmachined", i, printable(args[i])));
+        }
+        // Options refused for some values only; the error names the value's index.
+        if (i + 1 >= args.size()) {
+            continue;
+        }
+        const std::string_view value = args[i + 1];
+        // "exec:" migrates from the output of a shell command run on the host (migration.c).
+        if (option == "incoming" && value.starts_with("exec:")) {
+            return fail(errc::invalid_argument,
+                        fmt::format("spec.args[{}]: '{} exec:' is managed by qmachined", i + 1,
+                                    printable(args[i])));
+        }
+        if (option == "chardev") {
+            for (const auto& id : opts_values(value, "id")) {
+                if (std::find(reserved_chardev_ids.begin(), reserved_chardev_ids.end(), id) !=
+                    reserved_chardev_ids.end()) {
+                    return fail(errc::invalid_argument,
+                                fmt::format("spec.args[{}]: chardev id '{}' is reserved for "
+                                            "qmachined",
+                                            i + 1, printable(id)));
+                }
+            }
         }
     }
     return {};

@@ -1410,6 +1410,11 @@ awaitable<expected<QmpResult>> Supervisor::qmp(std::string name, std::string com
                                                json::Document arguments,
                                                std::optional<std::chrono::milliseconds> timeout)
 {
+    // The policy first: a denied command is refused whatever the machine and its state.
+    const json::Value* policy_arguments = arguments.IsObject() ? &arguments : nullptr;
+    if (auto allowed = options_.qmp_policy.check(command, policy_arguments); !allowed) {
+        co_return fail(allowed.error());
+    }
     auto opened = open_entry(name);
     if (!opened) {
         co_return fail(opened.error());

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "daemon/supervisor/events.hpp"
+#include "daemon/supervisor/qmp_policy.hpp"
 #include "daemon/supervisor/record.hpp"
 #include "daemon/supervisor/spec.hpp"
 #include "daemon/supervisor/store.hpp"
@@ -125,6 +126,8 @@ struct SupervisorOptions
     // resourcecontrol=deny (seccomp).
     bool sandbox = true;
     EventBusOptions events{};
+    // What QMP passthrough refuses (errc::forbidden), before anything else is looked at.
+    QmpPolicy qmp_policy{};
 };
 
 // Owned by main (or a test); loop thread only; destroyed after shutdown() completed (it kills

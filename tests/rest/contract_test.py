@@ -622,6 +622,9 @@ def run_requests(contract, s):
     s.send('QEMU refuses', 'POST', '/v1/machines/c1/qmp', 422, {'execute': 'no-such-command'},
            check=problem_is('QmpError', more=lambda p: [] if p.get('class') == 'CommandNotFound'
                             else [f'class {p.get("class")}']))
+    s.send('denied by the QMP policy', 'POST', '/v1/machines/c1/qmp', 403,
+           {'execute': 'human-monitor-command', 'arguments': {'command-line': 'info version'}},
+           check=problem_is('Forbidden'))
     s.send('no execute', 'POST', '/v1/machines/c1/qmp', 400, {'arguments': {}},
            check=problem_is('InvalidArgument', 'execute'))
     s.send('timeout_s 0', 'POST', '/v1/machines/c1/qmp', 400, {'execute': 'query-status', 'timeout_s': 0},

@@ -601,6 +601,203 @@ TEST(RestSettingsTest, TheFileTakesTheSameKeys)
               "q.conf:1: rest-max-connections: '-1' is not a whole number from 1 to 1000000");
 }
 
+TEST(MachineSettingsTest, Defaults)
+{
+    auto r = parse({});
+    ASSERT_TRUE(r) << describe(r.error());
+    const Config& c = r->config;
+    EXPECT_EQ(c.shutdown_policy, ShutdownPolicy::leave_running);
+    EXPECT_EQ(c.qemu_user, "qmachined-qemu");
+    EXPECT_TRUE(c.qemu_sandbox);
+    EXPECT_EQ(c.qemu_log_max, 1048576u);
+    EXPECT_TRUE(c.qmp_allow.empty());
+    EXPECT_TRUE(c.qmp_deny.empty());
+    const QmpPolicy policy = qmp_policy(c);
+    EXPECT_TRUE(policy.allow.empty());
+    EXPECT_TRUE(policy.deny.empty());
+    EXPECT_STREQ(to_string(ShutdownPolicy::leave_running), "leave-running");
+    EXPECT_STREQ(to_string(ShutdownPolicy::stop_machines), "stop-machines");
+}
+
+TEST(MachineSettingsTest, FlagsInBothSpellings)
+{
+    for (const auto& args : std::vector<std::vector<std::string>>{
+             {"--shutdown-policy", "stop-machines", "--qemu-user", "kvm", "--qemu-sandbox", "off",
+              "--qemu-log-max", "0", "--qmp-allow", "human-monitor-command,getfd", "--qmp-deny",
+              "quit"},
+             {"--shutdown-policy=stop-machines", "--qemu-user=kvm", "--qemu-sandbox=off",
+              "--qemu-log-max=0", "--qmp-allow=human-monitor-command, getfd", "--qmp-deny=quit"},
+         }) {
+        SCOPED_TRACE(testing::PrintToString(args));
+        auto r = parse(args);
+        ASSERT_TRUE(r) << describe(r.error());
+        const Config& c = r->config;
+        EXPECT_EQ(c.shutdown_policy, ShutdownPolicy::stop_machines);
+        EXPECT_EQ(c.qemu_user, "kvm");
+        EXPECT_FALSE(c.qemu_sandbox);
+        EXPECT_EQ(c.qemu_log_max, 0u);
+        EXPECT_EQ(c.qmp_allow, (std::vector<std::string>{"human-monitor-command", "getfd"}));
+        EXPECT_EQ(c.qmp_deny, (std::vector<std::string>{"quit"}));
+    }
+    auto on = parse({"--qemu-sandbox", "on", "--shutdown-policy", "leave-running",
+                     "--qemu-log-max", "4096", "--qemu-user", "qemu_2.x"});
+    ASSERT_TRUE(on) << describe(on.error());
+    EXPECT_TRUE(on->config.qemu_sandbox);
+    EXPECT_EQ(on->config.shutdown_policy, ShutdownPolicy::leave_running);
+    EXPECT_EQ(on->config.qemu_log_max, 4096u);
+    EXPECT_EQ(on->config.qemu_user, "qemu_2.x");
+}
+
+TEST(MachineSettingsTest, EmptyValuesWhereTheyMeanSomething)
+{
+    // An empty qemu-user: QEMU runs as qmachined's own user; an empty list: no command.
+    for (const auto& args : std::vector<std::vector<std::string>>{
+             {"--qemu-user=", "--qmp-allow=", "--qmp-deny="},
+             {"--qemu-user", "", "--qmp-allow", "", "--qmp-deny", ""},
+             {"--qmp-allow=getfd", "--qmp-deny", "quit", "--qemu-user=", "--qmp-allow", " ",
+              "--qmp-deny="},
+         }) {
+        SCOPED_TRACE(testing::PrintToString(args));
+        auto r = parse(args);
+        ASSERT_TRUE(r) << describe(r.error());
+        EXPECT_EQ(r->config.qemu_user, "");
+        EXPECT_TRUE(r->config.qmp_allow.empty());
+        EXPECT_TRUE(r->config.qmp_deny.empty());
+    }
+    // A missing value is still missing, and the other keys need one.
+    for (const char* flag : {"--qemu-user", "--qmp-allow", "--qmp-deny", "--shutdown-policy",
+                             "--qemu-sandbox", "--qemu-log-max"}) {
+        const std::string want = std::string("option '") + flag + "' needs a value";
+        EXPECT_EQ(error_of(parse({flag})), want);
+        EXPECT_EQ(error_of(parse({flag, "--log-level", "info"})), want);
+    }
+    for (const char* flag : {"--shutdown-policy", "--qemu-sandbox", "--qemu-log-max"}) {
+        EXPECT_EQ(error_of(parse({std::string(flag) + "="})),
+                  std::string("option '") + flag + "' needs a value");
+    }
+}
+
+TEST(MachineSettingsTest, TheLastFlagWins)
+{
+    auto r = parse({"--qmp-allow", "human-monitor-command", "--qmp-allow", "getfd,add-fd",
+                    "--qmp-deny=quit", "--qmp-deny=stop", "--shutdown-policy=stop-machines",
+                    "--shutdown-policy=leave-running", "--qemu-user=a", "--qemu-user=b"});
+    ASSERT_TRUE(r) << describe(r.error());
+    EXPECT_EQ(r->config.qmp_allow, (std::vector<std::string>{"getfd", "add-fd"}));
+    EXPECT_EQ(r->config.qmp_deny, (std::vector<std::string>{"stop"}));
+    EXPECT_EQ(r->config.shutdown_policy, ShutdownPolicy::leave_running);
+    EXPECT_EQ(r->config.qemu_user, "b");
+    // A name given twice in one list counts once.
+    auto twice = parse({"--qmp-deny", "quit,stop,quit"});
+    ASSERT_TRUE(twice) << describe(twice.error());
+    EXPECT_EQ(twice->config.qmp_deny, (std::vector<std::string>{"quit", "stop"}));
+}
+
+TEST(MachineSettingsTest, BadValuesAreRefusedWithTheirKey)
+{
+    const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+        {{"--shutdown-policy", "stop"},
+         "--shutdown-policy: 'stop' is not one of leave-running, stop-machines"},
+        {{"--shutdown-policy=Leave-Running"},
+         "--shutdown-policy: 'Leave-Running' is not one of leave-running, stop-machines"},
+        {{"--qemu-sandbox", "yes"}, "--qemu-sandbox: 'yes' is not on or off"},
+        {{"--qemu-sandbox=ON"}, "--qemu-sandbox: 'ON' is not on or off"},
+        {{"--qemu-log-max", "1M"},
+         "--qemu-log-max: '1M' is not a whole number from 0 to 1099511627776"},
+        {{"--qemu-log-max", "1099511627777"},
+         "--qemu-log-max: '1099511627777' is not a whole number from 0 to 1099511627776"},
+        {{"--qemu-log-max=1.5"},
+         "--qemu-log-max: '1.5' is not a whole number from 0 to 1099511627776"},
+        {{"--qemu-user", "qemu user"},
+         "--qemu-user: 'qemu user' is not a user name (letters, digits, '.', '_' and '-', not "
+         "first)"},
+        {{"--qemu-user=a/b"},
+         "--qemu-user: 'a/b' is not a user name (letters, digits, '.', '_' and '-', not first)"},
+        {{"--qemu-user=-x"},
+         "--qemu-user: '-x' is not a user name (letters, digits, '.', '_' and '-', not first)"},
+        {{"--qmp-allow", "human-monitor-command;getfd"},
+         "--qmp-allow: 'human-monitor-command;getfd' is not a QMP command name (letters, digits, "
+         "'-' and '_')"},
+        {{"--qmp-allow", "getfd,,add-fd"},
+         "--qmp-allow: '' is not a QMP command name (letters, digits, '-' and '_')"},
+        {{"--qmp-deny", "quit,"},
+         "--qmp-deny: '' is not a QMP command name (letters, digits, '-' and '_')"},
+        {{"--qmp-deny", "system reset"},
+         "--qmp-deny: 'system reset' is not a QMP command name (letters, digits, '-' and '_')"},
+    };
+    for (const auto& [args, message] : cases) {
+        auto r = parse(args);
+        ASSERT_FALSE(r) << testing::PrintToString(args);
+        EXPECT_TRUE(r.error().is(errc::invalid_argument)) << describe(r.error());
+        EXPECT_EQ(r.error().message, message);
+    }
+}
+
+TEST_F(ConfigFileTest, MachineSettingsFromTheFileUnderTheFlags)
+{
+    const auto file = write("q.conf", "shutdown-policy = stop-machines\n"
+                                      "qemu-user =   # QEMU as qmachined's own user\n"
+                                      "qemu-sandbox = off\n"
+                                      "qemu-log-max = 65536\n"
+                                      "qmp-allow = human-monitor-command, migrate\n"
+                                      "qmp-deny = quit\n");
+    auto r = parse({"--config", file});
+    ASSERT_TRUE(r) << describe(r.error());
+    const Config& c = r->config;
+    EXPECT_EQ(c.shutdown_policy, ShutdownPolicy::stop_machines);
+    EXPECT_EQ(c.qemu_user, "");
+    EXPECT_FALSE(c.qemu_sandbox);
+    EXPECT_EQ(c.qemu_log_max, 65536u);
+    EXPECT_EQ(c.qmp_allow, (std::vector<std::string>{"human-monitor-command", "migrate"}));
+    EXPECT_EQ(c.qmp_deny, (std::vector<std::string>{"quit"}));
+
+    // The policy those make.
+    const QmpPolicy policy = qmp_policy(c);
+    EXPECT_EQ(policy.allow, c.qmp_allow);
+    EXPECT_EQ(policy.deny, c.qmp_deny);
+    EXPECT_TRUE(policy.check("human-monitor-command", nullptr));
+    auto quit = policy.check("quit", nullptr);
+    ASSERT_FALSE(quit);
+    EXPECT_TRUE(quit.error().is(errc::forbidden));
+    EXPECT_FALSE(policy.check("getfd", nullptr));
+
+    // Flags win.
+    auto flags = parse({"--config", file, "--qmp-allow=", "--qemu-user", "nobody",
+                        "--shutdown-policy=leave-running"});
+    ASSERT_TRUE(flags) << describe(flags.error());
+    EXPECT_TRUE(flags->config.qmp_allow.empty());
+    EXPECT_EQ(flags->config.qmp_deny, (std::vector<std::string>{"quit"}));
+    EXPECT_EQ(flags->config.qemu_user, "nobody");
+    EXPECT_EQ(flags->config.shutdown_policy, ShutdownPolicy::leave_running);
+    EXPECT_FALSE(flags->config.qemu_sandbox);
+}
+
+TEST(MachineSettingsTest, BadValuesInTheFileNameTheLine)
+{
+    const std::vector<std::pair<std::string, std::string>> cases = {
+        {"shutdown-policy = never\n",
+         "q.conf:1: shutdown-policy: 'never' is not one of leave-running, stop-machines"},
+        {"# c\nqemu-sandbox = 1\n", "q.conf:2: qemu-sandbox: '1' is not on or off"},
+        {"qemu-sandbox =\n", "q.conf:1: qemu-sandbox: needs a value"},
+        {"qemu-log-max = -1\n",
+         "q.conf:1: qemu-log-max: '-1' is not a whole number from 0 to 1099511627776"},
+        {"qmp-allow = human-monitor-command getfd\n",
+         "q.conf:1: qmp-allow: 'human-monitor-command getfd' is not a QMP command name (letters, "
+         "digits, '-' and '_')"},
+        {"qemu-user = a b\n",
+         "q.conf:1: qemu-user: 'a b' is not a user name (letters, digits, '.', '_' and '-', not "
+         "first)"},
+    };
+    for (const auto& [text, message] : cases) {
+        Config c;
+        auto r = apply_config_text(c, text, "q.conf");
+        ASSERT_FALSE(r) << text;
+        EXPECT_TRUE(r.error().is(errc::invalid_argument)) << describe(r.error());
+        EXPECT_EQ(r.error().message, message);
+        EXPECT_EQ(c.qemu_user, "qmachined-qemu") << "a failed file changes nothing: " << text;
+    }
+}
+
 TEST(UsageTest, MentionsEveryFlagAndTheDefaults)
 {
     const std::string text = usage();
@@ -618,6 +815,20 @@ TEST(UsageTest, MentionsEveryFlagAndTheDefaults)
                              "--rest-max-connections",
                              "--rest-max-body",
                              "--rest-request-timeout",
+                             "--shutdown-policy",
+                             "leave-running",
+                             "stop-machines",
+                             "--qemu-user",
+                             "qmachined-qemu",
+                             "--qemu-sandbox",
+                             "--qemu-log-max",
+                             "1048576",
+                             "--qmp-allow",
+                             "--qmp-deny",
+                             "human-monitor-command",
+                             "getfd",
+                             "add-fd",
+                             "migrate-incoming to exec:",
                              "/var/lib/qmachined",
                              "/run/qmachined",
                              "$XDG_STATE_HOME/qmachined",

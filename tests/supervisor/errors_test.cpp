@@ -144,6 +144,8 @@ TEST(ErrorTable, TheIssuesMapping)
         // If-Match failed: 412 Precondition Failed (RFC 9110 13.1.1), not a plain conflict.
         {errc::stale_generation, {412, "StaleGeneration"}},
         {errc::internal, {500, "Internal"}},
+        // The policy refuses whoever asks: 403 Forbidden (RFC 9110 15.5.4).
+        {errc::forbidden, {403, "Forbidden"}},
     };
     ASSERT_EQ(expected.size(), all_errcs().size());
     for (const auto& [code, want] : expected) {

@@ -525,7 +525,7 @@ TEST(Spec, BackoffMaxIsNotBelowInitial)
 TEST(Spec, ManagedArgsAreRefused)
 {
     for (const std::string option : {"daemonize", "qmp", "qmp-pretty", "monitor", "mon", "name",
-                                     "runas", "chroot", "pidfile"}) {
+                                     "runas", "chroot", "pidfile", "sandbox", "uuid", "add-fd"}) {
         for (const std::string dashes : {"-", "--"}) {
             const std::string arg = dashes + option;
             SCOPED_TRACE(arg);
@@ -537,6 +537,67 @@ TEST(Spec, ManagedArgsAreRefused)
     }
     EXPECT_EQ(spec_error(args_json({"-daemonize"})),
               "spec.args[0]: '-daemonize' is managed by qmachined");
+}
+
+// Options refused for some values: -incoming exec: (runs a program on the host) and a -chardev
+// with one of qmachined's own ids (mon, console). The error names the value's index.
+TEST(Spec, ManagedValuesAreRefused)
+{
+    struct Case
+    {
+        std::vector<std::string> args;
+        std::string message;
+    };
+    const std::vector<Case> cases{
+        {{"-incoming", "exec:cat /etc/shadow"},
+         "spec.args[1]: '-incoming exec:' is managed by qmachined"},
+        {{"-S", "--incoming", "exec:"}, "spec.args[2]: '--incoming exec:' is managed by qmachined"},
+        {{"-chardev", "socket,id=mon,path=/x"},
+         "spec.args[1]: chardev id 'mon' is reserved for qmachined"},
+        {{"-m", "64", "-S", "-nographic", "--chardev", "socket,path=/x,server=on,id=mon"},
+         "spec.args[5]: chardev id 'mon' is reserved for qmachined"},
+        {{"-chardev", "id=console,backend=null"},
+         "spec.args[1]: chardev id 'console' is reserved for qmachined"},
+        {{"-chardev", "null,id=console"},
+         "spec.args[1]: chardev id 'console' is reserved for qmachined"},
+        // An id given twice: whichever QEMU takes, a reserved one is refused.
+        {{"-chardev", "null,id=mine,id=mon"},
+         "spec.args[1]: chardev id 'mon' is reserved for qmachined"},
+        {{"-chardev", "file,,x,id=mon,path=/x"},
+         "spec.args[1]: chardev id 'mon' is reserved for qmachined"},
+    };
+    for (const auto& c : cases) {
+        SCOPED_TRACE(testing::PrintToString(c.args));
+        EXPECT_EQ(spec_error(args_json(c.args)), c.message);
+        auto r = parse_spec(args_json(c.args));
+        ASSERT_FALSE(r);
+        EXPECT_TRUE(r.error().is(errc::invalid_argument));
+    }
+}
+
+TEST(Spec, NearMissesOfManagedValuesPass)
+{
+    for (const std::vector<std::string>& args : std::vector<std::vector<std::string>>{
+             {"-incoming", "tcp:127.0.0.1:4444"},
+             {"-incoming", "defer"},
+             {"-incoming", "unix:/run/x.sock,exec:"},
+             {"-append", "exec:x"},
+             {"-chardev", "socket,id=monitor2,path=/x"},
+             {"-chardev", "socket,id=mon2,path=/x"},
+             {"-chardev", "socket,id=console0,path=/x"},
+             {"-chardev", "socket,id=xmon,path=/x"},
+             {"-chardev", "socket,id=Mon,path=/x"},
+             {"-chardev", "null,id=c1,path=mon"},
+             // ",," is a comma inside the path: there is no id=mon option.
+             {"-chardev", "file,id=log,path=/x,,id=mon"},
+             {"-chardev", "mon"},
+             {"-device", "isa-serial,chardev=mon2"},
+             {"-S", "-chardev"},
+             {"-incoming"},
+         }) {
+        SCOPED_TRACE(testing::PrintToString(args));
+        EXPECT_EQ(parse_ok(args_json(args)).args, args);
+    }
 }
 
 TEST(Spec, OtherArgsPass)
