@@ -255,7 +255,7 @@ public:
     void start()
     {
         pid_ = spawn_child({binary_, "--state-dir", state_dir_, "--runtime-dir", runtime_dir_,
-                            "--log-level", "warn"},
+                            "--log-level", "warn", "--shutdown-policy", "stop-machines"},
                            log_path_, SIGTERM);
     }
 

@@ -1,8 +1,11 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 // qmachined: configuration, directories, the one loop, signals, and the supervisor's life.
 #include <fcntl.h>
+#include <grp.h>
+#include <pwd.h>
 #include <sys/file.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -73,6 +76,48 @@ int lock_runtime_dir(const std::string& dir)
     return fd;
 }
 
+// The credentials QEMU runs with: the configured user's when qmachined runs as root, else
+// qmachined's own (nullopt). errc::invalid_argument when the user does not exist.
+qm::expected<void> resolve_qemu_user(const Config& config, qm::daemon::SupervisorOptions& options)
+{
+    if (::geteuid() != 0 || config.qemu_user.empty()) {
+        if (!config.qemu_user.empty()) {
+            spdlog::debug("Not root: QEMU runs as qmachined's own user, not '{}'",
+                          config.qemu_user);
+        } else if (::geteuid() == 0) {
+            spdlog::warn("qemu-user is empty: QEMU runs as root");
+        }
+        return {};
+    }
+    std::vector<char> buf(16384);
+    passwd pw{};
+    passwd* found = nullptr;
+    const int rc = ::getpwnam_r(config.qemu_user.c_str(), &pw, buf.data(), buf.size(), &found);
+    if (rc != 0 || found == nullptr) {
+        return qm::fail(qm::errc::invalid_argument,
+                        fmt::format("QEMU's user '{}' does not exist: create it (useradd --system "
+                                    "--no-create-home --shell /usr/sbin/nologin {}) or set "
+                                    "qemu-user", config.qemu_user, config.qemu_user));
+    }
+    if (pw.pw_uid == 0) {
+        return qm::fail(qm::errc::invalid_argument,
+                        fmt::format("qemu-user '{}' is root: QEMU must not run as root",
+                                    config.qemu_user));
+    }
+    int count = 64;
+    std::vector<gid_t> groups(static_cast<std::size_t>(count));
+    if (::getgrouplist(pw.pw_name, pw.pw_gid, groups.data(), &count) < 0) {
+        groups.resize(static_cast<std::size_t>(count));
+        ::getgrouplist(pw.pw_name, pw.pw_gid, groups.data(), &count);
+    }
+    groups.resize(static_cast<std::size_t>(std::max(count, 0)));
+    options.qemu_uid = pw.pw_uid;
+    options.qemu_gid = pw.pw_gid;
+    options.qemu_groups = std::move(groups);
+    spdlog::info("QEMU runs as '{}' (uid {}, gid {})", config.qemu_user, pw.pw_uid, pw.pw_gid);
+    return {};
+}
+
 class Daemon
 {
 public:
@@ -87,6 +132,15 @@ public:
         if (!loaded) {
             spdlog::critical("Failed to start: {}", loaded.error().message);
             return 1;
+        }
+        // A socket left by a daemon that died (we hold the runtime directory's lock: it is not
+        // another one's) goes now, so that the socket's existence keeps meaning "ready".
+        if (const auto path = qm::daemon::rest_socket_path(config_); !path.empty()) {
+            struct stat st {};
+            if (::lstat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
+                ::unlink(path.c_str());
+                spdlog::info("Removed the stale socket '{}' of an earlier qmachined", path);
+            }
         }
         wait_signal();
         // QEMUs that kept running while the daemon was down are taken over before anyone is
@@ -266,7 +320,7 @@ private:
     qm::asio::signal_set signals_;
     bool stopping_ = false;
     bool done_ = false;
-    bool stop_machines_ = true;
+    bool stop_machines_ = config_.shutdown_policy == qm::daemon::ShutdownPolicy::stop_machines;
     int rc_ = 0;
 };
 
@@ -307,6 +361,17 @@ int main(int argc, char** argv)
     qm::daemon::SupervisorOptions options;
     options.state_dir = config.state_dir;
     options.runtime_dir = config.runtime_dir;
+    options.sandbox = config.qemu_sandbox;
+    options.qmp_policy = qm::daemon::qmp_policy(config);
+    options.qemu_log_max = config.qemu_log_max;
+    if (auto user = resolve_qemu_user(config, options); !user) {
+        spdlog::critical("Failed to start: {}", user.error().message);
+        ::close(lock_fd);
+        return 1;
+    }
+    if (!config.qemu_sandbox) {
+        spdlog::warn("qemu-sandbox is off: QEMU runs without its seccomp sandbox");
+    }
 
     int rc = 0;
     {

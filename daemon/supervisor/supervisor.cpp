@@ -241,12 +241,13 @@ const char* Supervisor::to_string(Job job) noexcept
 
 Supervisor::Supervisor(asio::io_context& ioc, SupervisorOptions options)
     : ioc_(ioc), options_(std::move(options)), events_(ioc, options_.events),
-      store_(ioc, options_.state_dir)
+      store_(ioc, options_.state_dir), log_timer_(ioc)
 {}
 
 Supervisor::~Supervisor()
 {
     life_.reset();
+    log_timer_.cancel();
     // Machines still running are killed now (and reaped by the watcher); a Machine held by a
     // suspended operation dies with it. Destroy the supervisor after shutdown() completed.
     for (auto& [name, e] : machines_) {
@@ -496,6 +497,67 @@ awaitable<void> Supervisor::reattach()
                         .count();
     spdlog::info("Re-attached {} running machine(s), {} died while qmachined was down ({} ms)",
                  attached, dead, ms);
+    if (options_.qemu_log_max > 0) {
+        arm_log_check();
+    }
+}
+
+void Supervisor::arm_log_check()
+{
+    log_timer_.expires_after(options_.log_check_period);
+    log_timer_.async_wait([this, life = std::weak_ptr<int>(life_)](error_code ec) {
+        if (ec || life.expired() || shutting_down_) {
+            return;
+        }
+        check_logs();
+        arm_log_check();
+    });
+}
+
+void Supervisor::check_logs()
+{
+    // QEMU appends to its log through a descriptor it holds (O_APPEND), for as long as it runs,
+    // across daemon restarts: the daemon bounds it from outside. Past the bound the newest
+    // qemu_log_max bytes go to "qemu.log.1" and the log is emptied; QEMU's next write lands at
+    // the new end. A stat per running machine, every log_check_period.
+    for (const auto& [name, e] : machines_) {
+        if (!has_process(e->state)) {
+            continue;
+        }
+        const std::string path = fmt::format("{}/{}.log", e->dir, file_prefix);
+        struct stat st {};
+        if (::lstat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode) ||
+            static_cast<std::uint64_t>(st.st_size) <= options_.qemu_log_max) {
+            continue;
+        }
+        const int in = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        const int out = ::open((path + ".1").c_str(),
+                               O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
+        if (in >= 0 && out >= 0) {
+            auto keep = static_cast<off_t>(options_.qemu_log_max);
+            off_t from = st.st_size - keep;
+            while (keep > 0) {
+                const auto n = ::copy_file_range(in, &from, out, nullptr,
+                                                 static_cast<std::size_t>(keep), 0);
+                if (n <= 0) {
+                    break;
+                }
+                keep -= n;
+            }
+            if (::truncate(path.c_str(), 0) == 0) {
+                spdlog::info("The QEMU log of '{}' passed {} bytes: kept the newest in '{}.1'",
+                             name, options_.qemu_log_max, path);
+            }
+        } else {
+            spdlog::warn("Failed to bound the QEMU log of '{}': {}", name, std::strerror(errno));
+        }
+        if (in >= 0) {
+            ::close(in);
+        }
+        if (out >= 0) {
+            ::close(out);
+        }
+    }
 }
 
 void Supervisor::detach_all()

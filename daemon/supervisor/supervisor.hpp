@@ -125,6 +125,11 @@ struct SupervisorOptions
     // Every QEMU runs under -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,
     // resourcecontrol=deny (seccomp).
     bool sandbox = true;
+    // Each machine's QEMU output log is kept under this many bytes (0: unbounded): past it the
+    // log is copied to "qemu.log.1" and emptied (at most twice this on disk). Checked every
+    // log_check_period, a stat per running machine.
+    std::uint64_t qemu_log_max = std::uint64_t{1024} * 1024;
+    std::chrono::milliseconds log_check_period = 5s;
     EventBusOptions events{};
     // What QMP passthrough refuses (errc::forbidden), before anything else is looked at.
     QmpPolicy qmp_policy{};
@@ -155,7 +160,7 @@ public:
     // command line): watches it by pidfd, reconnects QMP and the console, and publishes
     // MACHINE_REATTACHED. A machine whose QEMU died meanwhile is `crashed`; a QEMU whose machine
     // has no definition any more is killed. Leaves no stale socket or record behind. Completes
-    // when every machine is settled.
+    // when every machine is settled; from then on the QEMU logs are kept bounded (qemu_log_max).
     awaitable<void> reattach();
     // Starts every autostart machine, concurrently; returns at once.
     void autostart();
@@ -235,6 +240,8 @@ private:
                                int pidfd);
     void settle_dead(Entry& e, const RuntimeRecord& record, const std::string& why);
     void remove_runtime_files(const Entry& e, const RuntimeRecord* record);
+    void arm_log_check();
+    void check_logs();
     awaitable<expected<void>> do_start(std::shared_ptr<Entry> e);
     awaitable<expected<void>> do_stop(std::shared_ptr<Entry> e, StopOptions options);
     awaitable<void> cleanup_after_exit(std::shared_ptr<Entry> e);
@@ -255,6 +262,7 @@ private:
     bool shutting_down_ = false;
     std::size_t jobs_running_ = 0; // machines with an operation in progress
     std::size_t jobs_peak_ = 0;    // the most at once since the last malloc_trim
+    asio::steady_timer log_timer_;
     std::shared_ptr<int> life_ = std::make_shared<int>(0);
 };
 

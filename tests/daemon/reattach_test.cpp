@@ -184,8 +184,16 @@ protected:
                "qemu-console.sock";
     }
 
-    // The QEMUs of this test (their output goes to logs under the runtime directory).
-    std::vector<pid_t> qemus() { return processes_mentioning(runtime_.string()); }
+    // The QEMUs of this test (their output goes to logs under the runtime directory; the
+    // daemon, which names it on its command line, is not one).
+    std::vector<pid_t> qemus()
+    {
+        auto out = processes_mentioning(runtime_.string());
+        if (daemon_) {
+            std::erase(out, daemon_->pid());
+        }
+        return out;
+    }
 
     void kill_daemon()
     {

@@ -50,14 +50,16 @@ protected:
     // The daemon's arguments: the private directories, then `extra`.
     std::vector<std::string> daemon_args(const std::vector<std::string>& extra = {}) const
     {
+        // stop-machines: the fixture's SIGTERM stops what runs (the daemon suite's tests of the
+        // default, leave-running, pass their own).
         std::vector<std::string> args{"--state-dir", state_.string(), "--runtime-dir",
-                                      runtime_.string()};
+                                      runtime_.string(), "--shutdown-policy", "stop-machines"};
         args.insert(args.end(), extra.begin(), extra.end());
         return args;
     }
 
-    // Starts qmachined and waits until its socket exists (it appears only once the daemon
-    // answers). Use with ASSERT_NO_FATAL_FAILURE.
+    // Starts qmachined and waits until its socket accepts connections (it appears only once the
+    // daemon answers; one left by a daemon that was killed refuses them). Use with ASSERT_NO_FATAL_FAILURE.
     void start_daemon(const std::vector<std::string>& extra = {})
     {
         ASSERT_FALSE(daemon_) << "the daemon already runs";
@@ -65,7 +67,7 @@ protected:
             std::make_unique<DaemonProcess>(QM_QMACHINED, daemon_args(extra),
                                             root_ / ("daemon" + std::to_string(++runs_) + ".out"));
         const bool ready = eventually(
-            [&] { return std::filesystem::exists(socket_path()) || !daemon_->running(); }, 30s);
+            [&] { return accepts_connections(socket_path()) || !daemon_->running(); }, 30s);
         ASSERT_TRUE(ready && daemon_->running()) << "qmachined did not become ready:\n"
                                                  << daemon_->output();
     }

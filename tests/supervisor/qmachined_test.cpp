@@ -56,7 +56,8 @@ protected:
 
     std::vector<std::string> dirs() const
     {
-        return {"--state-dir", state_.string(), "--runtime-dir=" + runtime_.string()};
+        return {"--state-dir", state_.string(), "--runtime-dir=" + runtime_.string(),
+                "--shutdown-policy=stop-machines"};
     }
 
     static std::string definition(const std::string& name, bool autostart)

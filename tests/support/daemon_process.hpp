@@ -25,6 +25,8 @@
 #include <signal.h>
 #include <spawn.h>
 #include <sys/types.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -108,6 +110,19 @@ inline std::vector<pid_t> processes_mentioning(std::string_view text)
     });
     std::sort(out.begin(), out.end());
     return out;
+}
+
+// Whether a unix stream socket at `path` accepts a connection now (one left by a dead process
+// exists but refuses).
+inline bool accepts_connections(const std::filesystem::path& path)
+{
+    const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s", path.c_str());
+    const bool ok = ::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0;
+    ::close(fd);
+    return ok;
 }
 
 // How many descriptors `pid` has open (0 when it is gone).
