@@ -46,8 +46,8 @@ expected<int> check_process(const RuntimeRecord& r, pid_t pid, bool check_start_
         return reject(fmt::format("process {} is gone", pid));
     }
     if (check_start_time && *start != r.start_time) {
-        return reject(fmt::format("pid {} now names another process (started at tick {}, not {})",
-                                  pid, *start, r.start_time));
+        return reject(fmt::format("pid {} was reused: it names a process started at tick {}, "
+                                  "not {}", pid, *start, r.start_time));
     }
     auto argv = proc::process_cmdline(pid);
     if (!argv || argv->empty()) {

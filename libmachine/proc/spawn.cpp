@@ -74,6 +74,27 @@ expected<pid_t> spawn_with_credentials(const std::vector<std::string>& argv, cha
         return fail(errc::spawn_failed,
                     fmt::format("cannot start '{}': pipe: {}", argv[0], std::strerror(errno)));
     }
+    // The pipe may have got numbers the inherited descriptors go to (3, 4, ... are often free
+    // here): the child's dup2 would replace its write end and its close_range would take
+    // inherited descriptors above it. Above them, it crosses neither.
+    for (int& end : report) {
+        if (end >= first_free) {
+            continue;
+        }
+        const int high = ::fcntl(end, F_DUPFD_CLOEXEC, first_free);
+        const int err = errno;
+        ::close(end);
+        end = high;
+        if (high < 0) {
+            for (int fd : report) {
+                if (fd >= 0) {
+                    ::close(fd);
+                }
+            }
+            return fail(errc::spawn_failed,
+                        fmt::format("cannot start '{}': pipe: {}", argv[0], std::strerror(err)));
+        }
+    }
     const char* log = options.log_path.empty() ? "/dev/null" : options.log_path.c_str();
     sigset_t all;
     sigset_t old;
