@@ -35,6 +35,12 @@ inline constexpr std::string_view state_changed = "STATE_CHANGED";
 // data: {"pid", "state", "since_us"}: qmachined (re)started and took over a QEMU that had kept
 // running; the machine's state is "state" from now on (no STATE_CHANGED for it)
 inline constexpr std::string_view machine_reattached = "MACHINE_REATTACHED";
+// data: {"attempt": N, "delay_ms": D, "reason": "..."}: the restart policy restarts the machine
+// in D ms (attempt N within the crash-loop window)
+inline constexpr std::string_view restart_scheduled = "RESTART_SCHEDULED";
+// data: {"restarts": N, "window_s": W}: N restarts within W s; the machine is `failed` until
+// someone starts it
+inline constexpr std::string_view crash_loop = "CRASH_LOOP";
 // data: {"count": N, "since_seq": S}: N QMP events of a flooding machine were not published; the
 // first of them came after event S
 inline constexpr std::string_view events_dropped = "EVENTS_DROPPED";

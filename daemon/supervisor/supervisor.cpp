@@ -13,6 +13,7 @@
 #include <cerrno>
 #include <csignal>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <list>
 #include <utility>
@@ -172,6 +173,12 @@ struct Supervisor::Entry
     bool probing = false;
     bool kill_requested = false;
     bool attaching = false; // reattach(): the machine's own state changes are not published
+    // The restart policy: when the automatic restarts within the window happened (oldest
+    // first), the pending restart's timer and a token that an operation bumps to cancel it.
+    std::deque<std::chrono::steady_clock::time_point> restarts;
+    std::shared_ptr<asio::steady_timer> restart_timer;
+    std::uint64_t restart_token = 0;
+    bool auto_starting = false;
     // The SHUTDOWN event of the current process, if any.
     bool saw_shutdown = false;
     bool shutdown_guest = false;
@@ -251,6 +258,7 @@ Supervisor::~Supervisor()
     // Machines still running are killed now (and reaped by the watcher); a Machine held by a
     // suspended operation dies with it. Destroy the supervisor after shutdown() completed.
     for (auto& [name, e] : machines_) {
+        cancel_restart(*e); // its coroutine sees the token changed and touches nothing else
         if (e->machine) {
             e->machine->kill_now();
         }
@@ -358,6 +366,9 @@ void Supervisor::settle_dead(Entry& e, const RuntimeRecord& record, const std::s
                                "QEMU exited while qmachined was not running (" + why + ")"};
     spdlog::warn("Machine '{}' died while qmachined was not running: {}", e.def.name, why);
     set_state(e, MachineState::crashed, e.stop_reason.detail);
+    if (auto self = machines_.find(e.def.name); self != machines_.end()) {
+        apply_restart_policy(self->second);
+    }
 }
 
 awaitable<void> Supervisor::attach_one(std::shared_ptr<Entry> e, RuntimeRecord record, pid_t pid,
@@ -563,6 +574,9 @@ void Supervisor::check_logs()
 void Supervisor::detach_all()
 {
     shutting_down_ = true;
+    for (auto& [name, e] : machines_) {
+        cancel_restart(*e); // the next start's reattach() applies the policy to what died
+    }
     std::size_t left = 0;
     for (auto& [name, e] : machines_) {
         if (e->machine && e->machine->is_running()) {
@@ -846,6 +860,9 @@ void Supervisor::on_machine_exit(Entry& e)
     }
     set_state(e, crashed ? MachineState::crashed : MachineState::stopped,
               e.last_exit ? e.last_exit->to_string() : std::string{});
+    if (self != machines_.end()) {
+        apply_restart_policy(self->second);
+    }
 }
 
 awaitable<void> Supervisor::cleanup_after_exit(std::shared_ptr<Entry> e)
@@ -858,6 +875,98 @@ awaitable<void> Supervisor::cleanup_after_exit(std::shared_ptr<Entry> e)
     }
     e->cleaning_up = false;
     e->notify();
+}
+
+//---- restart policies ---------------------------------------------------------------------------
+
+void Supervisor::apply_restart_policy(std::shared_ptr<Entry> e)
+{
+    const RestartSpec& policy = e->def.spec.restart;
+    if (policy.policy == RestartPolicy::no || shutting_down_ || has_process(e->state)) {
+        return;
+    }
+    // on-failure: a crash (signal, non-zero exit, death without SHUTDOWN) or a failed start;
+    // always: any exit nobody asked for, a guest power-off included.
+    const bool failure = e->state == MachineState::crashed || e->state == MachineState::failed;
+    if (policy.policy == RestartPolicy::on_failure && !failure) {
+        return;
+    }
+    const auto now = std::chrono::steady_clock::now();
+    const auto window = std::chrono::seconds(policy.window_s);
+    while (!e->restarts.empty() && now - e->restarts.front() > window) {
+        e->restarts.pop_front();
+    }
+    if (e->restarts.size() >= policy.max_restarts) {
+        json::Document data(rapidjson::kObjectType);
+        data.AddMember("restarts", static_cast<std::uint64_t>(e->restarts.size()),
+                       data.GetAllocator());
+        data.AddMember("window_s", policy.window_s, data.GetAllocator());
+        events_.publish(e->def.name, event_names::crash_loop, data);
+        spdlog::error("Machine '{}' ended again after {} restart(s) within {} s (crash loop): "
+                      "left failed until someone starts it", e->def.name, e->restarts.size(),
+                      policy.window_s);
+        e->restarts.clear();
+        set_state(*e, MachineState::failed,
+                  fmt::format("crash loop: {} restarts within {} s", policy.max_restarts,
+                              policy.window_s));
+        return;
+    }
+    // Exponential backoff within the window: initial, 2 × initial, ... up to the maximum.
+    const auto attempt = e->restarts.size();
+    std::uint64_t delay = policy.backoff_initial_ms;
+    for (std::size_t i = 0; i < attempt && delay < policy.backoff_max_ms; ++i) {
+        delay *= 2;
+    }
+    delay = std::min<std::uint64_t>(delay, policy.backoff_max_ms);
+    e->restarts.push_back(now);
+    json::Document data(rapidjson::kObjectType);
+    auto& a = data.GetAllocator();
+    data.AddMember("attempt", static_cast<std::uint64_t>(attempt + 1), a);
+    data.AddMember("delay_ms", delay, a);
+    const char* why = daemon::to_string(e->stop_reason.kind);
+    data.AddMember("reason", json::Value(why, a), a);
+    events_.publish(e->def.name, event_names::restart_scheduled, data);
+    spdlog::info("Restarting '{}' in {} ms (policy {}, attempt {} of {} within {} s)",
+                 e->def.name, delay, daemon::to_string(policy.policy), attempt + 1, policy.max_restarts,
+                 policy.window_s);
+    cancel_restart(*e);
+    e->restart_timer = std::make_shared<asio::steady_timer>(ioc_, std::chrono::milliseconds(delay));
+    spawn(auto_restart(e, e->restart_token), "restart a machine");
+}
+
+void Supervisor::cancel_restart(Entry& e)
+{
+    ++e.restart_token;
+    if (e.restart_timer) {
+        e.restart_timer->cancel();
+        e.restart_timer.reset();
+    }
+}
+
+awaitable<void> Supervisor::auto_restart(std::shared_ptr<Entry> e, std::uint64_t token)
+{
+    auto timer = e->restart_timer;
+    error_code ec;
+    co_await timer->async_wait(use_ec(ec));
+    if (token != e->restart_token || shutting_down_ || !machines_.contains(e->def.name) ||
+        machines_.at(e->def.name) != e) {
+        co_return; // cancelled by an operation, the machine deleted, or the daemon stopping
+    }
+    e->restart_timer.reset();
+    co_await wait_job(e); // a cleanup after the exit
+    if (token != e->restart_token || has_process(e->state) || e->job != Job::none) {
+        co_return;
+    }
+    ++e->restart_count;
+    begin_job(*e, Job::start);
+    e->auto_starting = true;
+    auto started = co_await do_start(e);
+    e->auto_starting = false;
+    end_job(*e);
+    if (!started) {
+        spdlog::error("Failed to restart '{}': {}", e->def.name, started.error().message);
+        apply_restart_policy(e);
+    }
 }
 
 //---- jobs ---------------------------------------------------------------------------------------
@@ -1034,6 +1143,7 @@ awaitable<expected<std::uint64_t>> Supervisor::remove(std::string name, bool for
         co_return fail(opened.error());
     }
     auto e = std::move(*opened);
+    cancel_restart(*e); // an operator's word replaces the restart policy's
     if (e->job == Job::remove) {
         co_return fail(job_conflict(*e, "delete").error());
     }
@@ -1086,6 +1196,7 @@ awaitable<expected<OpResult>> Supervisor::start(std::string name)
         co_return fail(opened.error());
     }
     auto e = std::move(*opened);
+    cancel_restart(*e); // an operator's word replaces the restart policy's
     if (e->job == Job::start || e->job == Job::restart) {
         // Joins the start in progress: its outcome is this call's outcome.
         co_await wait_job(e);
@@ -1281,6 +1392,7 @@ awaitable<expected<OpResult>> Supervisor::stop(std::string name, StopOptions opt
         co_return fail(opened.error());
     }
     auto e = std::move(*opened);
+    cancel_restart(*e); // an operator's word replaces the restart policy's
     if (e->job == Job::stop) {
         co_await wait_job(e); // joins the stop in progress
         co_return result(*e);
@@ -1357,6 +1469,7 @@ awaitable<expected<OpResult>> Supervisor::kill(std::string name)
         co_return fail(opened.error());
     }
     auto e = std::move(*opened);
+    cancel_restart(*e); // an operator's word replaces the restart policy's
     if (e->machine && (has_process(e->state) || e->job == Job::start || e->job == Job::restart)) {
         // Preempts whatever is in progress: a stop waiting for the guest, a start, a hung monitor.
         e->kill_requested = true;
@@ -1379,6 +1492,7 @@ awaitable<expected<OpResult>> Supervisor::restart(std::string name)
         co_return fail(opened.error());
     }
     auto e = std::move(*opened);
+    cancel_restart(*e); // an operator's word replaces the restart policy's
     if (e->job != Job::none) {
         co_return fail(job_conflict(*e, "restart").error());
     }
@@ -1652,6 +1766,9 @@ awaitable<void> Supervisor::stop_for_shutdown(std::shared_ptr<Entry> e)
 awaitable<void> Supervisor::shutdown()
 {
     shutting_down_ = true;
+    for (auto& [name, e] : machines_) {
+        cancel_restart(*e);
+    }
     std::vector<std::shared_ptr<Entry>> todo;
     for (auto& [name, e] : machines_) {
         if (has_process(e->state) || e->job != Job::none) {

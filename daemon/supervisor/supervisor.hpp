@@ -242,6 +242,10 @@ private:
     void remove_runtime_files(const Entry& e, const RuntimeRecord* record);
     void arm_log_check();
     void check_logs();
+    // The restart policy after an exit (or a failed automatic start) nobody asked for.
+    void apply_restart_policy(std::shared_ptr<Entry> e);
+    void cancel_restart(Entry& e);
+    awaitable<void> auto_restart(std::shared_ptr<Entry> e, std::uint64_t token);
     awaitable<expected<void>> do_start(std::shared_ptr<Entry> e);
     awaitable<expected<void>> do_stop(std::shared_ptr<Entry> e, StopOptions options);
     awaitable<void> cleanup_after_exit(std::shared_ptr<Entry> e);
