@@ -179,6 +179,9 @@ struct Supervisor::Entry
     std::shared_ptr<asio::steady_timer> restart_timer;
     std::uint64_t restart_token = 0;
     bool auto_starting = false;
+    // Unresponsive with a restart policy: killed once this fires (unresponsive_limit).
+    std::shared_ptr<asio::steady_timer> unresponsive_timer;
+    bool killed_unresponsive = false;
     // The SHUTDOWN event of the current process, if any.
     bool saw_shutdown = false;
     bool shutdown_guest = false;
@@ -259,6 +262,9 @@ Supervisor::~Supervisor()
     // suspended operation dies with it. Destroy the supervisor after shutdown() completed.
     for (auto& [name, e] : machines_) {
         cancel_restart(*e); // its coroutine sees the token changed and touches nothing else
+        if (e->unresponsive_timer) {
+            e->unresponsive_timer->cancel();
+        }
         if (e->machine) {
             e->machine->kill_now();
         }
@@ -739,6 +745,28 @@ void Supervisor::set_state(Entry& e, MachineState state, std::string detail)
     spdlog::info("Machine '{}' is {} (was {}){}{}", e.def.name, s, p, why.empty() ? "" : ": ", why);
     events_.publish(e.def.name, event_names::state_changed, data);
     e.notify();
+    if (e.unresponsive_timer) {
+        e.unresponsive_timer->cancel();
+        e.unresponsive_timer.reset();
+    }
+    if (state == MachineState::unresponsive && e.def.spec.restart.policy != RestartPolicy::no) {
+        // A monitor that never answers again would leave the machine unmanageable for good:
+        // past the limit it is killed and its restart policy takes over.
+        auto timer = std::make_shared<asio::steady_timer>(ioc_, options_.unresponsive_limit);
+        e.unresponsive_timer = timer;
+        Entry* raw = &e;
+        timer->async_wait([this, raw, timer, life = std::weak_ptr<int>(life_)](error_code ec) {
+            if (ec || life.expired() || raw->unresponsive_timer != timer ||
+                raw->state != MachineState::unresponsive || !raw->machine) {
+                return;
+            }
+            spdlog::warn("Machine '{}' did not answer for {} ms: killing it (restart policy {})",
+                         raw->def.name, options_.unresponsive_limit.count(),
+                         daemon::to_string(raw->def.spec.restart.policy));
+            raw->killed_unresponsive = true;
+            raw->machine->kill_now();
+        });
+    }
 }
 
 void Supervisor::on_machine_state(Entry& e, MachineState s)
@@ -785,6 +813,13 @@ StopReason Supervisor::reason_from_exit(const Entry& e) const
     StopReason r;
     if (e.kill_requested) {
         r.kind = StopReason::Kind::host_kill;
+        return r;
+    }
+    if (e.killed_unresponsive) {
+        // Killed by us, but for failing: a failure to the restart policy.
+        r.kind = StopReason::Kind::crashed;
+        r.detail = fmt::format("unresponsive for {} ms: killed by qmachined",
+                               options_.unresponsive_limit.count());
         return r;
     }
     if (!e.last_exit) {
@@ -1341,6 +1376,7 @@ awaitable<expected<void>> Supervisor::do_start(std::shared_ptr<Entry> e)
     });
     e->machine = machine;
     e->kill_requested = false;
+    e->killed_unresponsive = false;
     e->saw_shutdown = false;
     e->shutdown_guest = false;
     e->shutdown_reason.clear();

@@ -115,6 +115,9 @@ struct SupervisorOptions
     std::chrono::milliseconds probe_timeout = 5s;
     // How many machines may exist.
     std::size_t max_machines = 4096;
+    // A machine with a restart policy that stays unresponsive this long is killed, and its
+    // policy restarts it (on-failure counts it as a failure).
+    std::chrono::milliseconds unresponsive_limit = 30s;
     // How many machines the daemon's own shutdown stops at once.
     std::size_t stop_concurrency = 16;
     // QEMU's credentials, when they are to differ from the daemon's (it runs as root): set in the

@@ -17,6 +17,7 @@ namespace qm::test {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+using namespace std::chrono_literals;
 
 std::string restart_spec(const std::string& policy, int max_restarts = 5, int initial_ms = 50,
                          int max_ms = 1000, int window_s = 60)
@@ -35,6 +36,8 @@ protected:
         if (IsSkipped() || HasFatalFailure()) {
             return;
         }
+        options_.unresponsive_limit = 300ms;
+        options_.probe_timeout = 200ms;
         open_supervisor();
     }
 
@@ -188,6 +191,28 @@ TEST_F(RestartPolicyTest, AStopOrDeleteDuringTheBackoffCancelsTheRestart)
     EXPECT_EQ(state("stopme"), MachineState::crashed);
     EXPECT_FALSE(sup_->inspect("deleteme"));
     EXPECT_EQ(info("stopme").restart_count, 0U);
+}
+
+TEST_F(RestartPolicyTest, AMachineUnresponsivePastTheLimitIsKilledAndRestarted)
+{
+    const pid_t pid = running("hung", restart_spec("on-failure"));
+    const pid_t plain = running("plain", restart_spec("no"));
+    ASSERT_GT(pid, 0);
+    ASSERT_GT(plain, 0);
+    ::kill(pid, SIGSTOP);
+    ::kill(plain, SIGSTOP);
+    ASSERT_FALSE(qmp("hung", "query-status", "null", 100ms));
+    ASSERT_FALSE(qmp("plain", "query-status", "null", 100ms));
+    ASSERT_TRUE(wait_state("hung", MachineState::unresponsive, 5s));
+    ASSERT_TRUE(wait_state("plain", MachineState::unresponsive, 5s));
+    const pid_t next = wait_new_pid("hung", pid);
+    ASSERT_GT(next, 0) << to_string(state("hung"));
+    EXPECT_TRUE(process_gone(pid));
+    // Without a policy nothing is killed behind the operator's back.
+    EXPECT_EQ(state("plain"), MachineState::unresponsive);
+    EXPECT_FALSE(process_gone(plain));
+    ::kill(plain, SIGCONT);
+    ASSERT_TRUE(wait_state("plain", MachineState::running, 10s));
 }
 
 } // namespace
