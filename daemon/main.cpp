@@ -14,6 +14,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <fmt/format.h>
@@ -21,6 +22,7 @@
 #include <spdlog/spdlog.h>
 
 #include "daemon/config.hpp"
+#include "daemon/notify.hpp"
 #include "daemon/qemu_version.hpp"
 #include "daemon/rest/api.hpp"
 #include "daemon/rest/server.hpp"
@@ -121,13 +123,18 @@ qm::expected<void> resolve_qemu_user(const Config& config, qm::daemon::Superviso
 class Daemon
 {
 public:
-    Daemon(qm::asio::io_context& ioc, Config config, qm::daemon::SupervisorOptions options)
-        : ioc_(ioc), config_(std::move(config)), supervisor_(ioc, std::move(options)),
-          api_(supervisor_, qm::rest::ApiOptions{version}), signals_(ioc, SIGTERM, SIGINT, SIGHUP)
+    Daemon(qm::asio::io_context& ioc, Config config, qm::daemon::SupervisorOptions options,
+           qm::daemon::NotifyEnvironment notify)
+        : ioc_(ioc), config_(std::move(config)), notifier_(ioc, std::move(notify)),
+          supervisor_(ioc, std::move(options)), api_(supervisor_, qm::rest::ApiOptions{version}),
+          signals_(ioc, SIGTERM, SIGINT, SIGHUP)
     {}
 
     int run()
     {
+        // The keep-alive runs from the start: re-attaching hundreds of machines takes a while.
+        notifier_.start_watchdog();
+        watch_status();
         auto loaded = supervisor_.load();
         if (!loaded) {
             spdlog::critical("Failed to start: {}", loaded.error().message);
@@ -143,6 +150,7 @@ public:
             }
         }
         wait_signal();
+        notifier_.status("Starting: re-attaching the machines that kept running");
         // QEMUs that kept running while the daemon was down are taken over before anyone is
         // served: the socket appears when every machine's state is known again.
         qm::asio::co_spawn(ioc_, supervisor_.reattach(), [this](const std::exception_ptr& e) {
@@ -169,6 +177,7 @@ private:
         auto serving = serve();
         if (!serving) {
             spdlog::critical("Failed to start: {}", serving.error().message);
+            notifier_.status("Failed to start: " + serving.error().message);
             rc_ = 1;
             done_ = true;
             signals_.cancel();
@@ -180,6 +189,47 @@ private:
         probe_qemu();
         spdlog::info("qmachined {} ready: state '{}', runtime '{}', {} machine(s)", version,
                      config_.state_dir, config_.runtime_dir, supervisor_.size());
+        notifier_.ready(status_text());
+    }
+
+    // STATUS= follows the machine counts: every event that can change them marks the status
+    // stale; the notifier reads it again (at most once a second).
+    void watch_status()
+    {
+        notifier_.set_status_source([this] { return status_text(); });
+        if (!notifier_.enabled()) {
+            return;
+        }
+        supervisor_.events().listen([this](const qm::daemon::Event& e) {
+            namespace names = qm::daemon::event_names;
+            const std::string_view name = e.name();
+            if (name == names::state_changed || name == names::machine_created ||
+                name == names::machine_removed || name == names::machine_reattached) {
+                notifier_.status_changed();
+            }
+        });
+    }
+
+    std::string status_text() const
+    {
+        std::string text = qm::daemon::machine_count_status(supervisor_.count_by_state());
+        if (stopping_ && stop_machines_) {
+            text = "Stopping the machines before exit; " + text;
+        }
+        return text;
+    }
+
+    // Machines with a QEMU process.
+    std::size_t machines_with_process() const
+    {
+        std::size_t n = 0;
+        for (const auto& [state, count] : supervisor_.count_by_state()) {
+            const auto s = qm::machine_state_from_string(state);
+            if (s && qm::has_process(*s)) {
+                n += count;
+            }
+        }
+        return n;
     }
 
     // The REST listeners: the unix socket appears only now, when the daemon can answer.
@@ -260,6 +310,8 @@ private:
             // shutdown-policy leave-running (the default, as libvirt): the machines outlive us
             // and the next start re-attaches them.
             spdlog::info("Received {}: leaving the machines running, exiting", strsignal(signo));
+            notifier_.stopping(fmt::format("Exiting, leaving {} machine(s) running",
+                                           machines_with_process()));
             supervisor_.detach_all();
             if (server_) {
                 server_->close();
@@ -270,6 +322,8 @@ private:
             return;
         }
         spdlog::info("Received {}: stopping every machine, then exiting", strsignal(signo));
+        notifier_.stopping(fmt::format("Stopping {} machine(s) before exit",
+                                       machines_with_process()));
         // Requests still get answers while the machines stop (operations: 503 ShuttingDown).
         if (server_) {
             server_->drain();
@@ -314,6 +368,8 @@ private:
 
     qm::asio::io_context& ioc_;
     Config config_;
+    // Before the supervisor: its event listener may run while the supervisor is destroyed.
+    qm::daemon::Notifier notifier_;
     qm::daemon::Supervisor supervisor_;
     qm::rest::Api api_;
     std::optional<qm::rest::Server> server_;
@@ -345,6 +401,8 @@ int main(int argc, char** argv)
     }
     Config config = cl->config;
     setup_logging(config.log_level);
+    // Read (and removed from the environment QEMU inherits) before anything is started.
+    auto notify = qm::daemon::take_notify_environment();
     std::signal(SIGPIPE, SIG_IGN); // a client gone mid-write is an error code, not a death
     raise_fd_limit();
     for (const std::string* dir : {&config.state_dir, &config.runtime_dir}) {
@@ -376,7 +434,7 @@ int main(int argc, char** argv)
     int rc = 0;
     {
         qm::asio::io_context ioc{1};
-        Daemon daemon(ioc, config, std::move(options));
+        Daemon daemon(ioc, config, std::move(options), std::move(notify));
         rc = daemon.run();
     }
     ::close(lock_fd);
