@@ -463,7 +463,8 @@ awaitable<void> Supervisor::reattach()
     }
 
     std::size_t attaching = 0;
-    std::size_t attached = 0;
+    std::size_t launched = 0; // attaches started
+    std::size_t attached = 0; // ... that ended with the machine taken over
     std::size_t dead = 0;
     auto ex = co_await asio::this_coro::executor;
     asio::steady_timer wake(ex);
@@ -493,12 +494,14 @@ awaitable<void> Supervisor::reattach()
             continue;
         }
         ++attaching;
-        ++attached;
+        ++launched;
         asio::co_spawn(ex, attach_one(e, r, found->first, found->second),
-                       [&attaching, &wake, n = name](const std::exception_ptr& ex_ptr) {
+                       [&attaching, &attached, &wake, e, n = name](const std::exception_ptr& ex_ptr) {
                            if (ex_ptr) {
                                spdlog::error("Failed to re-attach '{}': {}", n,
                                              describe_exception(ex_ptr));
+                           } else if (has_process(e->state)) {
+                               ++attached;
                            }
                            --attaching;
                            wake.cancel();
@@ -513,7 +516,7 @@ awaitable<void> Supervisor::reattach()
                         std::chrono::steady_clock::now() - started)
                         .count();
     spdlog::info("Re-attached {} running machine(s), {} died while qmachined was down ({} ms)",
-                 attached, dead, ms);
+                 attached, dead + (launched - attached), ms);
     if (options_.qemu_log_max > 0) {
         arm_log_check();
     }

@@ -52,9 +52,12 @@ std::string guest_spec()
         json::quote(dir + "/initramfs.cpio.gz"));
 }
 
+// Alive and not a zombie waiting for its new parent (pid 1 here may reap orphans slowly).
 bool alive(pid_t pid)
 {
-    return ::kill(pid, 0) == 0;
+    const std::string stat = read_whole_file("/proc/" + std::to_string(pid) + "/stat");
+    const auto close = stat.rfind(')');
+    return close != std::string::npos && close + 2 < stat.size() && stat[close + 2] != 'Z';
 }
 
 // A client of a console socket QEMU serves, for the moments the daemon is not connected to it.
