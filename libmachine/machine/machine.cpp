@@ -249,32 +249,27 @@ std::vector<std::string> Machine::base_args() const
         args.emplace_back("-serial");
         args.emplace_back("null");
     }
-    if (console_set_ && config_.pass_sockets) {
-        std::string chardev = fmt::format("socket,id=console,fd={},server=on,wait=off",
-                                          proc::inherited_fd_number(next_fd++));
-        if (!config_.console_log.empty()) {
-            args.emplace_back("-add-fd");
-            args.push_back(fmt::format("fd={},set={},opaque=console-log",
-                                       proc::inherited_fd_number(next_fd++), console_log_fdset));
-            chardev += fmt::format(",logfile=/dev/fdset/{},logappend=on", console_log_fdset);
-        }
-        args.emplace_back("-chardev");
-        args.push_back(std::move(chardev));
-        if (console_device_type_) {
-            args.emplace_back("-device");
-            args.push_back(*console_device_type_ + ",chardev=console");
+    if (console_set_) {
+        std::string chardev;
+        if (config_.pass_sockets) {
+            chardev = fmt::format("socket,id=console,fd={},server=on,wait=off",
+                                  proc::inherited_fd_number(next_fd++));
+            if (!config_.console_log.empty()) {
+                // QEMU appends all guest output to the log it got as a descriptor (an fd set).
+                args.emplace_back("-add-fd");
+                args.push_back(fmt::format("fd={},set={},opaque=console-log",
+                                           proc::inherited_fd_number(next_fd++),
+                                           console_log_fdset));
+                chardev += fmt::format(",logfile=/dev/fdset/{},logappend=on", console_log_fdset);
+            }
         } else {
-            args.emplace_back("-serial");
-            args.emplace_back("chardev:console");
-        }
-    } else if (console_set_) {
-        std::string chardev =
-            "socket,id=console,path=" +
-            opt_escape(const_cast<Machine*>(this)->console_socket_path()) + // NOLINT
-            ",server=on,wait=off";
-        if (!config_.console_log.empty()) {
-            // QEMU itself appends all guest output to the file, reader connected or not.
-            chardev += ",logfile=" + opt_escape(config_.console_log) + ",logappend=on";
+            chardev = "socket,id=console,path=" +
+                      opt_escape(const_cast<Machine*>(this)->console_socket_path()) + // NOLINT
+                      ",server=on,wait=off";
+            if (!config_.console_log.empty()) {
+                // QEMU itself appends all guest output to the file, reader connected or not.
+                chardev += ",logfile=" + opt_escape(config_.console_log) + ",logappend=on";
+            }
         }
         args.emplace_back("-chardev");
         args.push_back(std::move(chardev));

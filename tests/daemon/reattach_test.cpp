@@ -19,7 +19,7 @@
 
 #include "libmachine/asio.hpp"
 #include "libmachine/json.hpp"
-#include "tests/rest/daemon_fixture.hpp"
+#include "tests/daemon/machine_daemon.hpp"
 #include "tests/rest/http_client.hpp"
 #include "tests/support/daemon_process.hpp"
 #include "tests/support/guest_image.hpp"
@@ -31,15 +31,6 @@ namespace {
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 
-// Starts in milliseconds and quits at once; with a console socket (nothing behind it under
-// -machine none, but QEMU serves it) or without.
-std::string quick_spec(bool console)
-{
-    return fmt::format(R"({{"binary": {}, "machine": "none", "console": {{"enabled": {}}},
-        "shutdown": {{"mode": "quit", "timeout_s": 10}}}})",
-                       json::quote(QemuProcess::binary()), console ? "true" : "false");
-}
-
 std::string guest_spec()
 {
     const std::string& dir = guest_image().dir;
@@ -50,14 +41,6 @@ std::string guest_spec()
             "shutdown": {{"mode": "powerdown", "timeout_s": 60}}}})",
         json::quote(QemuProcess::binary()), json::quote(dir + "/vmlinuz"),
         json::quote(dir + "/initramfs.cpio.gz"));
-}
-
-// Alive and not a zombie waiting for its new parent (pid 1 here may reap orphans slowly).
-bool alive(pid_t pid)
-{
-    const std::string stat = read_whole_file("/proc/" + std::to_string(pid) + "/stat");
-    const auto close = stat.rfind(')');
-    return close != std::string::npos && close + 2 < stat.size() && stat[close + 2] != 'Z';
 }
 
 // A client of a console socket QEMU serves, for the moments the daemon is not connected to it.
@@ -109,20 +92,9 @@ private:
     std::string error_;
 };
 
-class ReattachTest : public DaemonFixture
+class ReattachTest : public MachineDaemonTest
 {
 protected:
-    void SetUp() override
-    {
-        DaemonFixture::SetUp();
-        if (HasFatalFailure()) {
-            return;
-        }
-        if (auto why = QemuProcess::unavailable_reason()) {
-            GTEST_SKIP() << "no QEMU: " << *why;
-        }
-    }
-
     void TearDown() override
     {
         // Whatever the test left running is stopped by a daemon that takes it over and stops it
@@ -130,26 +102,7 @@ protected:
         if (daemon_) {
             kill_daemon();
         }
-        if (!IsSkipped() && fs::exists(state_)) {
-            start_daemon(stop_args());
-        }
-        DaemonFixture::TearDown();
-    }
-
-    static std::vector<std::string> stop_args() { return {"--shutdown-policy", "stop-machines"}; }
-
-    HttpResponse call(const std::string& method, const std::string& target, std::string body = {})
-    {
-        HttpConnection c(ioc_, socket_path());
-        EXPECT_FALSE(c.error()) << c.error().message();
-        HttpResponse r = c.request(method, target, std::move(body));
-        c.close();
-        return r;
-    }
-
-    json::Document machine(const std::string& name)
-    {
-        return call("GET", "/v1/machines/" + name).json();
+        MachineDaemonTest::TearDown();
     }
 
     // The pids of every machine the daemon lists as having a process, by name.
@@ -172,30 +125,9 @@ protected:
         return out;
     }
 
-    pid_t start_machine(const std::string& name)
-    {
-        HttpResponse r = call("POST", "/v1/machines/" + name + "/start");
-        EXPECT_EQ(r.status, 200) << r;
-        EXPECT_EQ(r.str("state"), "running") << r;
-        return static_cast<pid_t>(json::get_int(r.json(), "pid").value_or(-1));
-    }
-
     fs::path console_socket(const std::string& name)
     {
-        const json::Document d = machine(name);
-        return runtime_ / "m" / std::string(json::get_string(d, "id").value_or("?")) /
-               "qemu-console.sock";
-    }
-
-    // The QEMUs of this test (their output goes to logs under the runtime directory; the
-    // daemon, which names it on its command line, is not one).
-    std::vector<pid_t> qemus()
-    {
-        auto out = processes_mentioning(runtime_.string());
-        if (daemon_) {
-            std::erase(out, daemon_->pid());
-        }
-        return out;
+        return machine_dir(name) / "qemu-console.sock";
     }
 
     void kill_daemon()
@@ -204,8 +136,6 @@ protected:
         ASSERT_EQ(daemon().wait_exit(10s), 128 + SIGKILL);
         daemon_.reset();
     }
-
-    asio::io_context ioc_{1};
 };
 
 // The issue's scenario: 10 machines (one a real guest), the daemon SIGKILLed and started again
@@ -218,16 +148,11 @@ TEST_F(ReattachTest, SigkillRestartTwentyRoundsKeepsEveryMachine)
     std::vector<std::string> names;
     for (int i = 0; i < 9; ++i) {
         names.push_back(fmt::format("m{}", i));
-        HttpResponse r = call("POST", "/v1/machines",
-                              fmt::format(R"({{"name": "{}", "spec": {}}})", names.back(),
-                                          quick_spec(i % 2 == 0)));
+        HttpResponse r = create(names.back(), quick_spec(i % 2 == 0));
         ASSERT_EQ(r.status, 201) << r;
     }
     names.emplace_back("guest");
-    ASSERT_EQ(call("POST", "/v1/machines",
-                   fmt::format(R"({{"name": "guest", "spec": {}}})", guest_spec()))
-                  .status,
-              201);
+    ASSERT_EQ(create("guest", guest_spec()).status, 201);
     for (const auto& n : names) {
         start_machine(n);
     }
@@ -308,9 +233,7 @@ TEST_F(ReattachTest, SigkillRestartTwentyRoundsKeepsEveryMachine)
 TEST_F(ReattachTest, QemuWithoutDefinitionIsKilled)
 {
     ASSERT_NO_FATAL_FAILURE(start_daemon());
-    ASSERT_EQ(call("POST", "/v1/machines", R"({"name": "gone", "spec": )" + quick_spec(true) + "}")
-                  .status,
-              201);
+    ASSERT_EQ(create("gone", quick_spec(true)).status, 201);
     const std::string id(json::get_string(machine("gone"), "id").value_or("?"));
     const pid_t pid = start_machine("gone");
     ASSERT_NO_FATAL_FAILURE(kill_daemon());
@@ -328,9 +251,7 @@ TEST_F(ReattachTest, QemuWithoutDefinitionIsKilled)
 TEST_F(ReattachTest, ReusedPidIsNotTakenOver)
 {
     ASSERT_NO_FATAL_FAILURE(start_daemon());
-    ASSERT_EQ(call("POST", "/v1/machines", R"({"name": "r", "spec": )" + quick_spec(false) + "}")
-                  .status,
-              201);
+    ASSERT_EQ(create("r", quick_spec(false)).status, 201);
     const std::string id(json::get_string(machine("r"), "id").value_or("?"));
     const pid_t pid = start_machine("r");
     ASSERT_NO_FATAL_FAILURE(kill_daemon());

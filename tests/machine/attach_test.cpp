@@ -29,8 +29,11 @@
 #include "libmachine/qmp/client.hpp"
 #include "tests/machine/machine_fixture.hpp"
 
+#include "tests/support/children.hpp"
 namespace qm {
 namespace {
+
+using test::reap;
 
 using test::describe;
 using test::process_gone;
@@ -55,18 +58,6 @@ bool fd_is_open(int fd)
 bool contains(const std::vector<std::string>& argv, const std::string& arg)
 {
     return std::find(argv.begin(), argv.end(), arg) != argv.end();
-}
-
-// Reaps a child of the test (not of the machine), retrying on EINTR (Asio's SIGCHLD handler has
-// no SA_RESTART). Returns its wait status, or -1.
-int reap(pid_t pid)
-{
-    int status = 0;
-    pid_t r = 0;
-    do {
-        r = ::waitpid(pid, &status, 0);
-    } while (r < 0 && errno == EINTR);
-    return r == pid ? status : -1;
 }
 
 class AttachTest : public test::MachineFixture

@@ -24,23 +24,15 @@
 #include "libmachine/proc/spawn.hpp"
 #include "tests/machine/machine_fixture.hpp"
 
+#include "tests/support/children.hpp"
 namespace qm::proc {
 namespace {
+
+using test::wait_exited_unreaped;
 
 using namespace std::chrono_literals;
 using test::process_gone;
 using test::run_until;
-
-// Blocking waits in a process whose SIGCHLD handler (Asio's) has no SA_RESTART: retry on EINTR.
-bool wait_exited_unreaped(pid_t pid)
-{
-    siginfo_t info{};
-    int r = 0;
-    do {
-        r = ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOWAIT);
-    } while (r != 0 && errno == EINTR);
-    return r == 0;
-}
 
 pid_t reap(pid_t pid, int flags)
 {

@@ -22,8 +22,12 @@
 
 #include "libmachine/proc/spawn.hpp"
 
+#include "tests/support/children.hpp"
 namespace qm::proc {
 namespace {
+
+using test::reap;
+using test::wait_exited_unreaped;
 
 using namespace std::chrono_literals;
 
@@ -34,27 +38,6 @@ std::string describe(const Error& e)
 
 // A pid no process has: above the kernel's pid_max (at most 2^22).
 constexpr pid_t no_such_pid = 0x7ffffff0;
-
-int reap(pid_t pid)
-{
-    int status = 0;
-    pid_t r = 0;
-    do {
-        r = ::waitpid(pid, &status, 0);
-    } while (r < 0 && errno == EINTR);
-    return r == pid ? status : -1;
-}
-
-// Waits until `pid` has exited, leaving it a zombie (not reaped).
-bool wait_exited_unreaped(pid_t pid)
-{
-    siginfo_t info{};
-    int r = 0;
-    do {
-        r = ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOWAIT);
-    } while (r != 0 && errno == EINTR);
-    return r == 0;
-}
 
 // The state letter of /proc/PID/stat (after the last ')').
 char state_of(pid_t pid)

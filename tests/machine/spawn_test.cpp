@@ -26,8 +26,11 @@
 
 #include "libmachine/proc/spawn.hpp"
 
+#include "tests/support/children.hpp"
 namespace qm::proc {
 namespace {
+
+using test::reap;
 
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
@@ -43,17 +46,6 @@ std::string read_file(const fs::path& path)
 {
     std::ifstream f(path, std::ios::binary);
     return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
-}
-
-// The wait status of a child of the test (retrying on EINTR), -1 when it is not ours.
-int reap(pid_t pid)
-{
-    int status = 0;
-    pid_t r = 0;
-    do {
-        r = ::waitpid(pid, &status, 0);
-    } while (r < 0 && errno == EINTR);
-    return r == pid ? status : -1;
 }
 
 int exit_code(int wstatus)

@@ -30,8 +30,12 @@
 #include "libmachine/proc/proc_info.hpp"
 #include "libmachine/proc/spawn.hpp"
 
+#include "tests/support/children.hpp"
 namespace qm::daemon {
 namespace {
+
+using test::reap;
+using test::wait_exited_unreaped;
 
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
@@ -51,26 +55,6 @@ void write_raw(const fs::path& path, const std::string& content)
 {
     std::ofstream f(path, std::ios::binary | std::ios::trunc);
     f << content;
-}
-
-int reap(pid_t pid)
-{
-    int status = 0;
-    pid_t r = 0;
-    do {
-        r = ::waitpid(pid, &status, 0);
-    } while (r < 0 && errno == EINTR);
-    return r == pid ? status : -1;
-}
-
-bool wait_exited_unreaped(pid_t pid)
-{
-    siginfo_t info{};
-    int r = 0;
-    do {
-        r = ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOWAIT);
-    } while (r != 0 && errno == EINTR);
-    return r == 0;
 }
 
 RuntimeRecord sample(std::optional<pid_t> pid = 4242)
