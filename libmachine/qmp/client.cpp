@@ -192,13 +192,27 @@ awaitable<expected<std::string>> Client::read_message()
 
 awaitable<expected<Greeting>> Client::negotiate()
 {
-    auto text = co_await read_message();
-    if (!text) {
-        co_return fail(text.error());
-    }
-    auto msg = decode(*text);
-    if (!msg) {
-        co_return fail(msg.error());
+    // QEMU 7.2 can send an event before its greeting: with a monitor socket handed to it
+    // (fd=N,server=on) and our connection already waiting in its backlog, a RESUME emitted while
+    // the machine starts reaches the connection before the monitor's OPENED handler greets.
+    // Such events are delivered like any other; a peer that sends nothing but events is still
+    // refused, after a bound.
+    constexpr int max_events_before_greeting = 64;
+    expected<std::string> text = fail(errc::qmp_protocol, "no message");
+    expected<Message> msg = fail(errc::qmp_protocol, "no message");
+    for (int events = 0;; ++events) {
+        text = co_await read_message();
+        if (!text) {
+            co_return fail(text.error());
+        }
+        msg = decode(*text);
+        if (!msg) {
+            co_return fail(msg.error());
+        }
+        if (msg->kind != Message::Kind::event || events == max_events_before_greeting) {
+            break;
+        }
+        handle_event(Event(std::move(msg->doc)));
     }
     if (msg->kind != Message::Kind::greeting) {
         co_return fail(errc::qmp_protocol, "expected the QMP greeting, got: " + text->substr(0, 200));

@@ -349,10 +349,9 @@ TEST_F(QmpClient, BadGreetingIsAProtocolError)
 
 TEST_F(QmpClient, FirstMessagesThatAreNoGreetingAreProtocolErrors)
 {
-    // Each case on its own connection.
+    // Each case on its own connection. (An event is not among them: QEMU 7.2 can send one before
+    // its greeting, see EventsBeforeTheGreetingAreDelivered.)
     for (const char* first : {
-             R"({"timestamp": {"seconds": 1, "microseconds": 0}, "event": "STOP"})"
-             "\r\n",
              R"({"return": {}, "id": 1})"
              "\r\n",
              "{\"QMP\": \r\n",
@@ -372,6 +371,38 @@ TEST_F(QmpClient, FirstMessagesThatAreNoGreetingAreProtocolErrors)
             ioc, [&] { return c.use_count() == 1; }, 2s));
         EXPECT_EQ(calls, 1);
     }
+}
+
+TEST_F(QmpClient, EventsBeforeTheGreetingAreDelivered)
+{
+    // What QEMU 7.2 sends when the client connected before its monitor was set up (a monitor
+    // socket handed over with fd=N,server=on): RESUME, then the greeting.
+    make_client();
+    std::vector<std::string> seen;
+    client_->subscribe([&](const Event& e) { seen.emplace_back(e.name()); });
+    peer_.write_raw(R"({"timestamp": {"seconds": 1, "microseconds": 0}, "event": "RESUME"})"
+                    "\r\n" +
+                    FakeQmpPeer::qemu_7_2_greeting() + "\r\n");
+    peer_.expect("qmp_capabilities").returns("{}");
+    auto g = start_raw();
+    ASSERT_TRUE(g.has_value()) << g.error().message;
+    EXPECT_EQ(seen, std::vector<std::string>{"RESUME"});
+}
+
+TEST_F(QmpClient, APeerThatSendsOnlyEventsIsRefused)
+{
+    make_client();
+    std::string flood;
+    for (int i = 0; i < 100; ++i) {
+        flood += R"({"timestamp": {"seconds": 1, "microseconds": 0}, "event": "STOP"})"
+                 "\r\n";
+    }
+    peer_.write_raw(flood);
+    auto g = start_raw();
+    ASSERT_FALSE(g.has_value());
+    EXPECT_TRUE(g.error().is(errc::qmp_protocol)) << g.error().message;
+    EXPECT_TRUE(peer_.commands().empty());
+    expect_disconnected_once(errc::qmp_protocol);
 }
 
 TEST_F(QmpClient, NegotiationErrorReplyIsAProtocolError)
