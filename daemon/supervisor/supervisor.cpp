@@ -495,12 +495,14 @@ awaitable<void> Supervisor::reattach()
         }
         ++attaching;
         ++launched;
-        asio::co_spawn(ex, attach_one(e, r, found->first, found->second),
-                       [&attaching, &attached, &wake, e, n = name](const std::exception_ptr& ex_ptr) {
+        // (A structured binding cannot be captured by clang 14: a copy can.)
+        std::shared_ptr<Entry> entry = e;
+        asio::co_spawn(ex, attach_one(entry, r, found->first, found->second),
+                       [&attaching, &attached, &wake, entry, n = name](const std::exception_ptr& ex_ptr) {
                            if (ex_ptr) {
                                spdlog::error("Failed to re-attach '{}': {}", n,
                                              describe_exception(ex_ptr));
-                           } else if (has_process(e->state)) {
+                           } else if (has_process(entry->state)) {
                                ++attached;
                            }
                            --attaching;
