@@ -657,18 +657,13 @@ awaitable<expected<void>> Machine::do_launch()
         co_return expected<void>{};
     }
 
-    expected<qmp::Socket> socket = fail(errc::invalid_state, "no monitor");
     if (config_.pass_sockets) {
-        // The socket listens already: the connection waits in its backlog until QEMU's main loop
-        // accepts it and greets. If QEMU exits first, the pending connection is reset.
-        auto address = monitor_address();
-        socket = co_await qmp::connect_socket(*address, config_.qmp_timer);
-    } else {
-        // _post_launch: accept QEMU's connection. If QEMU exits first, handle_exit closes the
-        // listener and the accept ends at once.
-        socket = co_await listener_->accept(config_.qmp_timer);
-        listener_.reset(); // QEMU is connected (or gone): the socket file is not needed any more
+        co_return co_await connect_served_monitor();
     }
+    // _post_launch: accept QEMU's connection. If QEMU exits first, handle_exit closes the
+    // listener and the accept ends at once.
+    auto socket = co_await listener_->accept(config_.qmp_timer);
+    listener_.reset(); // QEMU is connected (or gone): the socket file is not needed any more
     if (!socket) {
         if (exit_status_) {
             co_return fail(errc::spawn_failed,
@@ -676,19 +671,62 @@ awaitable<expected<void>> Machine::do_launch()
         }
         co_return fail(socket.error());
     }
-    auto negotiated = co_await negotiate(std::move(*socket));
+    auto negotiated = co_await negotiate(std::move(*socket), config_.qmp_timer);
     if (!negotiated) {
         co_return fail(negotiated.error());
     }
     co_return expected<void>{};
 }
 
-awaitable<expected<void>> Machine::negotiate(qmp::Socket socket)
+awaitable<expected<void>> Machine::connect_served_monitor()
+{
+    // The socket listens already: the connection waits in its backlog until QEMU accepts it and
+    // greets; if QEMU exits first, the pending connection is reset. But QEMU 7.2 can lose the
+    // greeting of a connection that was waiting before its monitor was set up (its monitor I/O
+    // thread accepts it before the monitor's handlers exist: about once in 200 starts, a greeting
+    // that never comes). A connection made later is greeted: after a short wait for the greeting,
+    // connect again, waiting twice as long each time, until the launch deadline.
+    using Clock = std::chrono::steady_clock;
+    auto address = monitor_address();
+    const auto deadline = Clock::now() + config_.qmp_timer;
+    auto wait = std::chrono::milliseconds(1000);
+    for (;;) {
+        const auto left =
+            std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+        if (left.count() <= 0) {
+            co_return fail(errc::timeout, fmt::format("no QMP greeting within {} ms",
+                                                      config_.qmp_timer.count()));
+        }
+        auto socket = co_await qmp::connect_socket(*address, left);
+        if (!socket) {
+            if (exit_status_) {
+                co_return fail(errc::spawn_failed,
+                               "QEMU " + exit_status_->to_string() + " before connecting to QMP");
+            }
+            co_return fail(socket.error());
+        }
+        const bool last = wait >= left;
+        auto negotiated = co_await negotiate(std::move(*socket), last ? left : wait);
+        if (negotiated) {
+            co_return expected<void>{};
+        }
+        if (last || exit_status_ || !negotiated.error().is(errc::timeout)) {
+            co_return fail(negotiated.error());
+        }
+        spdlog::debug("machine[{}]: no QMP greeting within {} ms: connecting again", config_.name,
+                      wait.count());
+        client_->close();
+        wait *= 2;
+    }
+}
+
+awaitable<expected<void>> Machine::negotiate(qmp::Socket socket,
+                                             std::chrono::milliseconds greeting_timeout)
 {
     auto ex = ioc_.get_executor();
     qmp::ClientOptions client_options;
     client_options.name = config_.name;
-    client_options.greeting_timeout = config_.qmp_timer;
+    client_options.greeting_timeout = greeting_timeout;
     client_options.event_queue_limit = config_.event_queue_limit;
     client_ = qmp::Client::create(ex, std::move(client_options));
     client_->subscribe([this, life = std::weak_ptr<int>(life_)](const qmp::Event& e) {
@@ -812,7 +850,7 @@ awaitable<expected<void>> Machine::attach(AttachOptions options)
     if (!socket) {
         result = fail(socket.error());
     } else {
-        result = co_await negotiate(std::move(*socket));
+        result = co_await negotiate(std::move(*socket), config_.qmp_timer);
     }
     launching_ = false;
     launched_ = true;

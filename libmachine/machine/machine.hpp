@@ -325,7 +325,8 @@ private:
     void early_cleanup();
     void post_shutdown();
     void handle_exit(const proc::ExitStatus& status);
-    awaitable<expected<void>> negotiate(qmp::Socket socket);
+    awaitable<expected<void>> negotiate(qmp::Socket socket, std::chrono::milliseconds greeting_timeout);
+    awaitable<expected<void>> connect_served_monitor();
     awaitable<expected<void>> connect_console();
     void handle_event(const qmp::Event& event);
     void set_state(MachineState s);
