@@ -161,6 +161,11 @@ public:
                 ioc_.stop();
                 return;
             }
+            reattached_ = true;
+            if (pending_signal_ != 0) {
+                on_signal(pending_signal_); // now every machine can be stopped
+                return;
+            }
             ready();
         });
         ioc_.run();
@@ -305,6 +310,15 @@ private:
                          strsignal(signo));
             return;
         }
+        if (!reattached_ && stop_machines_) {
+            // Machines being taken over are not stoppable yet: stop them once they are.
+            if (pending_signal_ == 0) {
+                spdlog::info("Received {} during the re-attach: stopping the machines once it is "
+                             "done", strsignal(signo));
+                pending_signal_ = signo;
+            }
+            return;
+        }
         stopping_ = true;
         if (!stop_machines_) {
             // shutdown-policy leave-running (the default, as libvirt): the machines outlive us
@@ -376,6 +390,8 @@ private:
     qm::asio::signal_set signals_;
     bool stopping_ = false;
     bool done_ = false;
+    bool reattached_ = false; // reattach() completed
+    int pending_signal_ = 0;  // a SIGTERM/SIGINT that came during it (stop-machines)
     bool stop_machines_ = config_.shutdown_policy == qm::daemon::ShutdownPolicy::stop_machines;
     int rc_ = 0;
 };
