@@ -495,6 +495,24 @@ awaitable<expected<void>> Machine::launch()
     last_shutdown_step_ = ShutdownStep::none;
     launching_ = true;
     auto result = co_await do_launch();
+    if (!result && config_.pass_sockets && result.error().is(errc::timeout) && pid_ > 0 &&
+        !exit_status_ && !user_killed_) {
+        // About one QEMU 7.2 in a thousand, handed its monitor socket with our connection already
+        // waiting, never greets on it, nor on a later connection. Another QEMU does: this one is
+        // killed and the launch tried once more, within a deadline of its own.
+        spdlog::warn("machine[{}]: QEMU (pid {}) never greeted on its monitor: starting it again",
+                     config_.name, pid_);
+        user_killed_ = true;
+        watcher_.send_signal(pid_, SIGKILL);
+        co_await wait_for_exit(hard_kill_wait);
+        // A kill_now() or shutdown() meanwhile means nobody wants this machine any more.
+        const bool stopped_meanwhile =
+            sigkill_sent_ || last_shutdown_step_ != ShutdownStep::none;
+        post_shutdown();
+        if (!stopped_meanwhile) {
+            result = co_await do_launch();
+        }
+    }
     if (!result) {
         // The seed's launch(): clean up, then expose the command line and the output.
         if (pid_ > 0 && !exit_status_) {
@@ -512,6 +530,28 @@ awaitable<expected<void>> Machine::launch()
     launching_ = false;
     launched_ = true;
     co_return result;
+}
+
+void Machine::begin_run()
+{
+    // What one process (launched or attached) learns about itself starts from nothing.
+    quit_issued_ = false;
+    user_killed_ = false;
+    sigkill_sent_ = false;
+    guest_shutdown_ = false;
+    shutdown_reason_.clear();
+    exit_status_.reset();
+    qemu_status_.clear();
+    if (console_set_) {
+        // A fresh connection, ring and offset per run; the last one's ring stays readable
+        // until now.
+        ConsoleOptions console_options;
+        console_options.name = config_.name;
+        console_options.ring_size = config_.console_ring_size;
+        console_options.log_path = config_.console_log;
+        console_options.log_max = config_.console_log_max;
+        console_ = Console::create(ioc_.get_executor(), std::move(console_options));
+    }
 }
 
 Error Machine::launch_error(Error e) const
@@ -610,23 +650,7 @@ awaitable<expected<void>> Machine::do_launch()
     full_args_ = full_args();
     spdlog::debug("machine[{}]: launch command: {}", config_.name,
                   proc::format_command_line(full_args_));
-    quit_issued_ = false;
-    user_killed_ = false;
-    sigkill_sent_ = false;
-    guest_shutdown_ = false;
-    shutdown_reason_.clear();
-    exit_status_.reset();
-    qemu_status_.clear();
-    if (console_set_) {
-        // A fresh connection, ring and offset per launch; the last one's ring stays readable
-        // until now.
-        ConsoleOptions console_options;
-        console_options.name = config_.name;
-        console_options.ring_size = config_.console_ring_size;
-        console_options.log_path = config_.console_log;
-        console_options.log_max = config_.console_log_max;
-        console_ = Console::create(ex, std::move(console_options));
-    }
+    begin_run();
     proc::SpawnOptions spawn_options;
     spawn_options.log_fd = log_fd;
     spawn_options.inherit_fds = pass_fds_;
@@ -807,13 +831,7 @@ awaitable<expected<void>> Machine::attach(AttachOptions options)
     }
     iolog_.clear();
     last_shutdown_step_ = ShutdownStep::none;
-    quit_issued_ = false;
-    user_killed_ = false;
-    sigkill_sent_ = false;
-    guest_shutdown_ = false;
-    shutdown_reason_.clear();
-    exit_status_.reset();
-    qemu_status_.clear();
+    begin_run();
     full_args_ = std::move(options.argv);
     pid_ = options.pid;
     launching_ = true;
@@ -837,12 +855,6 @@ awaitable<expected<void>> Machine::attach(AttachOptions options)
     remove_files_.push_back(address->path);
     if (console_set_) {
         remove_files_.push_back(console_socket_path());
-        ConsoleOptions console_options;
-        console_options.name = config_.name;
-        console_options.ring_size = config_.console_ring_size;
-        console_options.log_path = config_.console_log;
-        console_options.log_max = config_.console_log_max;
-        console_ = Console::create(ioc_.get_executor(), std::move(console_options));
     }
     set_state(MachineState::starting);
     expected<void> result;

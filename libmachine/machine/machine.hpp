@@ -327,6 +327,8 @@ private:
     void handle_exit(const proc::ExitStatus& status);
     awaitable<expected<void>> negotiate(qmp::Socket socket, std::chrono::milliseconds greeting_timeout);
     awaitable<expected<void>> connect_served_monitor();
+    // Resets what a run (launch or attach) learns about its process, and its console.
+    void begin_run();
     awaitable<expected<void>> connect_console();
     void handle_event(const qmp::Event& event);
     void set_state(MachineState s);
