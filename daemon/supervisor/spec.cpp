@@ -406,8 +406,9 @@ constexpr std::array<std::string_view, 12> managed_options{
 static_assert(std::is_sorted(managed_options.begin(), managed_options.end()));
 
 // Chardev ids qmachined uses for its own chardevs (the QMP monitor, the serial console): a spec's
-// chardev with one of them would take their place or make QEMU refuse the duplicate.
-constexpr std::array<std::string_view, 2> reserved_chardev_ids{"console", "mon"};
+// chardev with one of them would take their place or make QEMU refuse the duplicate. "mon-launch"
+// is the monitor of the daemon that launched QEMU (libmachine/machine/machine.cpp).
+constexpr std::array<std::string_view, 3> reserved_chardev_ids{"console", "mon", "mon-launch"};
 
 // Every value of `key` in a QemuOpts string ("socket,id=mon,path=/x"): options are separated by
 // ',', and ",," is a comma inside a value (qemu-options.hx, QemuOpts), so "path=/x,,id=mon" has no

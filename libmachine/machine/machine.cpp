@@ -29,6 +29,9 @@ constexpr std::size_t max_io_log = std::size_t{64} * 1024;
 constexpr auto hard_kill_wait = 60s; // the seed's _hard_shutdown waits 60 s after SIGKILL
 // With pass_sockets, the -add-fd set of the console log (QEMU opens "/dev/fdset/N").
 constexpr int console_log_fdset = 999;
+// With pass_sockets, the chardev of the monitor the launching daemon talks to (the served one is
+// "mon"); daemon/supervisor/spec.cpp reserves both ids.
+constexpr std::string_view launch_monitor_id = "mon-launch";
 unsigned machine_counter = 0;        // loop thread only, like everything here
 
 Error make_error(errc code, std::string message)
@@ -223,9 +226,19 @@ std::vector<std::string> Machine::base_args() const
     args.push_back(fmt::format("guest={},process=qemu:{}", opt_escape(config_.name),
                                opt_escape(config_.name)));
     // With pass_sockets, the descriptors launch() hands over follow the -add-fd ones, in this
-    // order: the monitor, the console, the console log.
+    // order: the launch monitor, the served monitor, the console, the console log.
     std::size_t next_fd = pass_fds_.size();
     if (qmp_set_ && config_.pass_sockets) {
+        // Two monitors. The launching daemon talks to QEMU over a connected socket pair: QEMU
+        // greets it as soon as its monitor is set up, with no connection racing QEMU's start-up
+        // (QEMU 7.2 loses the greeting of a connection to a served monitor that arrives while
+        // the monitor is being set up: ~1 in 1000 starts). The served one waits for a daemon
+        // that attaches after a restart, when QEMU is long set up.
+        args.emplace_back("-chardev");
+        args.push_back(fmt::format("socket,id={},fd={}", launch_monitor_id,
+                                   proc::inherited_fd_number(next_fd++)));
+        args.emplace_back("-mon");
+        args.push_back(fmt::format("chardev={},mode=control", launch_monitor_id));
         args.emplace_back("-chardev");
         args.push_back(fmt::format("socket,id=mon,fd={},server=on,wait=off",
                                    proc::inherited_fd_number(next_fd++)));
@@ -495,24 +508,6 @@ awaitable<expected<void>> Machine::launch()
     last_shutdown_step_ = ShutdownStep::none;
     launching_ = true;
     auto result = co_await do_launch();
-    if (!result && config_.pass_sockets && result.error().is(errc::timeout) && pid_ > 0 &&
-        !exit_status_ && !user_killed_) {
-        // About one QEMU 7.2 in a thousand, handed its monitor socket with our connection already
-        // waiting, never greets on it, nor on a later connection. Another QEMU does: this one is
-        // killed and the launch tried once more, within a deadline of its own.
-        spdlog::warn("machine[{}]: QEMU (pid {}) never greeted on its monitor: starting it again",
-                     config_.name, pid_);
-        user_killed_ = true;
-        watcher_.send_signal(pid_, SIGKILL);
-        co_await wait_for_exit(hard_kill_wait);
-        // A kill_now() or shutdown() meanwhile means nobody wants this machine any more.
-        const bool stopped_meanwhile =
-            sigkill_sent_ || last_shutdown_step_ != ShutdownStep::none;
-        post_shutdown();
-        if (!stopped_meanwhile) {
-            result = co_await do_launch();
-        }
-    }
     if (!result) {
         // The seed's launch(): clean up, then expose the command line and the output.
         if (pid_ > 0 && !exit_status_) {
@@ -582,6 +577,25 @@ awaitable<expected<void>> Machine::do_launch()
         }
         handed.clear();
     };
+    std::optional<qmp::Socket> launch_monitor; // with pass_sockets: our end of the pair
+    if (qmp_set_ && config_.pass_sockets) {
+        int pair[2];
+        if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0) {
+            co_return fail(errc::system_error,
+                           fmt::format("cannot make the monitor's socket pair: {}",
+                                       std::strerror(errno)));
+        }
+        error_code ec;
+        launch_monitor.emplace(ex);
+        launch_monitor->assign(asio::generic::stream_protocol(AF_UNIX, 0), pair[0], ec);
+        if (ec) {
+            ::close(pair[0]);
+            ::close(pair[1]);
+            co_return fail(errc::system_error,
+                           fmt::format("cannot use the monitor's socket pair: {}", ec.message()));
+        }
+        handed.push_back(pair[1]);
+    }
     if (qmp_set_) {
         auto address = monitor_address();
         if (config_.pass_sockets && address->kind != qmp::Address::Kind::unix_path) {
@@ -681,8 +695,9 @@ awaitable<expected<void>> Machine::do_launch()
         co_return expected<void>{};
     }
 
-    if (config_.pass_sockets) {
-        co_return co_await connect_served_monitor();
+    if (launch_monitor) {
+        // If QEMU exits first, its end of the pair closes and the greeting wait ends at once.
+        co_return co_await negotiate(std::move(*launch_monitor), config_.qmp_timer);
     }
     // _post_launch: accept QEMU's connection. If QEMU exits first, handle_exit closes the
     // listener and the accept ends at once.
@@ -700,48 +715,6 @@ awaitable<expected<void>> Machine::do_launch()
         co_return fail(negotiated.error());
     }
     co_return expected<void>{};
-}
-
-awaitable<expected<void>> Machine::connect_served_monitor()
-{
-    // The socket listens already: the connection waits in its backlog until QEMU accepts it and
-    // greets; if QEMU exits first, the pending connection is reset. But QEMU 7.2 can lose the
-    // greeting of a connection that was waiting before its monitor was set up (its monitor I/O
-    // thread accepts it before the monitor's handlers exist: about once in 200 starts, a greeting
-    // that never comes). A connection made later is greeted: after a short wait for the greeting,
-    // connect again, waiting twice as long each time, until the launch deadline.
-    using Clock = std::chrono::steady_clock;
-    auto address = monitor_address();
-    const auto deadline = Clock::now() + config_.qmp_timer;
-    auto wait = std::chrono::milliseconds(1000);
-    for (;;) {
-        const auto left =
-            std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-        if (left.count() <= 0) {
-            co_return fail(errc::timeout, fmt::format("no QMP greeting within {} ms",
-                                                      config_.qmp_timer.count()));
-        }
-        auto socket = co_await qmp::connect_socket(*address, left);
-        if (!socket) {
-            if (exit_status_) {
-                co_return fail(errc::spawn_failed,
-                               "QEMU " + exit_status_->to_string() + " before connecting to QMP");
-            }
-            co_return fail(socket.error());
-        }
-        const bool last = wait >= left;
-        auto negotiated = co_await negotiate(std::move(*socket), last ? left : wait);
-        if (negotiated) {
-            co_return expected<void>{};
-        }
-        if (last || exit_status_ || !negotiated.error().is(errc::timeout)) {
-            co_return fail(negotiated.error());
-        }
-        spdlog::debug("machine[{}]: no QMP greeting within {} ms: connecting again", config_.name,
-                      wait.count());
-        client_->close();
-        wait *= 2;
-    }
 }
 
 awaitable<expected<void>> Machine::negotiate(qmp::Socket socket,

@@ -77,9 +77,11 @@ struct MachineConfig
     // Beyond the seed: QEMU serves the monitor and the console on unix sockets the machine binds
     // and hands over as descriptors (-chardev socket,fd=N,server=on,wait=off), and writes the
     // console log to a descriptor (an -add-fd set): QEMU needs no access to any directory, and
-    // there is no wait for QEMU to create a file. The machine connects to the monitor right after
-    // the spawn. The socket files stay while QEMU runs and QEMU accepts a new client once the old
-    // one is gone, so that a supervisor that restarts can attach() again. Unix sockets only.
+    // there is no wait for QEMU to create a file. At launch the machine talks QMP over a second
+    // monitor, a connected socket pair (QEMU greets it once set up; nothing races its start-up).
+    // The socket files stay while QEMU runs and QEMU accepts a new client once the old one is
+    // gone, so that a supervisor that restarts can attach() to the served monitor. Unix sockets
+    // only.
     bool pass_sockets = false;
     // Beyond the seed: the process's credentials and sandbox (see proc::SpawnOptions).
     std::optional<uid_t> run_as_uid{};
@@ -326,7 +328,6 @@ private:
     void post_shutdown();
     void handle_exit(const proc::ExitStatus& status);
     awaitable<expected<void>> negotiate(qmp::Socket socket, std::chrono::milliseconds greeting_timeout);
-    awaitable<expected<void>> connect_served_monitor();
     // Resets what a run (launch or attach) learns about its process, and its console.
     void begin_run();
     awaitable<expected<void>> connect_console();

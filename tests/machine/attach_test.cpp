@@ -129,12 +129,14 @@ TEST_F(AttachTest, PassSocketsHandsQemuTheBoundSocketsThatStayUntilShutdown)
     const pid_t pid = *m->pid();
     const auto& argv = m->command_line();
 
-    // The monitor is fd 3, the console fd 4, the console log fd 5 (in -add-fd set 999).
-    EXPECT_TRUE(contains(argv, "socket,id=mon,fd=3,server=on,wait=off"))
+    // The launch monitor (a connected socket pair) is fd 3, the served monitor fd 4, the
+    // console fd 5, the console log fd 6 (in -add-fd set 999).
+    EXPECT_TRUE(contains(argv, "socket,id=mon-launch,fd=3")) << proc::format_command_line(argv);
+    EXPECT_TRUE(contains(argv, "socket,id=mon,fd=4,server=on,wait=off"))
         << proc::format_command_line(argv);
-    EXPECT_TRUE(contains(argv, "fd=5,set=999,opaque=console-log"))
+    EXPECT_TRUE(contains(argv, "fd=6,set=999,opaque=console-log"))
         << proc::format_command_line(argv);
-    EXPECT_TRUE(contains(argv, "socket,id=console,fd=4,server=on,wait=off,"
+    EXPECT_TRUE(contains(argv, "socket,id=console,fd=5,server=on,wait=off,"
                                "logfile=/dev/fdset/999,logappend=on"))
         << proc::format_command_line(argv);
     EXPECT_FALSE(contains(argv, "path=" + monitor_path(*m)));
@@ -153,6 +155,17 @@ TEST_F(AttachTest, PassSocketsHandsQemuTheBoundSocketsThatStayUntilShutdown)
     EXPECT_EQ(json::get_string(*status, "status").value_or(""), "running");
     EXPECT_EQ(m->state(), MachineState::running);
     EXPECT_TRUE(m->console()->is_connected());
+
+    // The launching machine talks over its own pair: the served monitor greets another client
+    // at once (QEMU serves one client per monitor).
+    {
+        auto other = qmp::Client::create(ioc_.get_executor());
+        auto greeting =
+            run_co(ioc_, other->connect(qmp::Address::unix_socket(monitor_path(*m))), 10s);
+        ASSERT_TRUE(greeting) << describe(greeting.error());
+        EXPECT_TRUE(run_co(ioc_, other->execute("query-status"), 10s));
+        other->close();
+    }
 
     // Unlike a monitor QEMU connects to, the socket files stay while QEMU runs (for attach()).
     EXPECT_TRUE(fs::is_socket(monitor_path(*m))) << monitor_path(*m);
