@@ -72,8 +72,8 @@ constexpr auto settle = 200ms;
 // Connections creating and starting the machines at set-up.
 constexpr std::size_t setup_connections = 8;
 
-// `-machine none` with its console (the default: the daemon reconnects consoles too; `--console
-// off` takes it away, to see what it costs); `quit` to stop, because the default (`powerdown`,
+// `-machine none` with its console (the default: the daemon reconnects consoles too, once every
+// machine answers, after the timed part; `--console off` takes them away); `quit` to stop, because the default (`powerdown`,
 // 30 s) does nothing to a machine without ACPI.
 constexpr std::string_view spec_template =
     R"({{"binary":{},"machine":"none",{}"shutdown":{{"mode":"quit","timeout_s":10}}}})";
@@ -868,7 +868,8 @@ void usage()
         "  --log-level L     qmachined's log level at the timed starts: info gives its own\n"
         "                    re-attach figure and a timeline from its log; warn neither (default "
         "info)\n"
-        "  --console on|off  the machines' console, which qmachined reconnects too (default on)\n"
+        "  --console on|off  the machines' console, which qmachined reconnects once every\n"
+        "                    machine answers (default on)\n"
         "QM_QMACHINED names the daemon (default: the one built with this benchmark), QM_QEMU "
         "the QEMU\nbinary (default qemu-system-x86_64 in PATH).\n");
 }

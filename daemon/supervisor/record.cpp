@@ -226,7 +226,7 @@ expected<std::pair<pid_t, int>> find_recorded_process(const RuntimeRecord& r)
         return std::make_pair(*r.pid, *pidfd);
     }
     // Spawned, but the daemon stopped before it could record the pid: the command line (which
-    // names the machine's own socket paths) finds it, if it lives.
+    // names the machine and its uuid) finds it, if it lives.
     DIR* proc_dir = ::opendir("/proc");
     if (proc_dir == nullptr) {
         return fail(errc::system_error, fmt::format("cannot list /proc: {}", std::strerror(errno)));

@@ -388,6 +388,7 @@ awaitable<void> Supervisor::attach_one(std::shared_ptr<Entry> e, RuntimeRecord r
     options.pid = pid;
     options.pidfd = pidfd;
     options.argv = record.argv;
+    options.console_later = true; // reattach() connects the consoles once every machine answers
     auto attached = co_await machine->attach(std::move(options));
     e->attaching = false;
     if (!machine->is_running()) {
@@ -431,6 +432,14 @@ awaitable<void> Supervisor::attach_one(std::shared_ptr<Entry> e, RuntimeRecord r
     events_.publish(e->def.name, event_names::machine_reattached, data);
     spdlog::info("Re-attached '{}' (pid {}): {}", e->def.name, pid, name);
     e->notify();
+}
+
+awaitable<void> Supervisor::connect_console(std::shared_ptr<Machine> machine, std::string name)
+{
+    auto connected = co_await machine->ensure_console();
+    if (!connected) {
+        spdlog::warn("Failed to connect the console of '{}': {}", name, connected.error().message);
+    }
 }
 
 awaitable<void> Supervisor::reattach()
@@ -508,11 +517,20 @@ awaitable<void> Supervisor::reattach()
                            --attaching;
                            wake.cancel();
                        });
+        // Let it connect before the next record is read: QEMU answers while we go on.
+        co_await asio::post(ex, asio::use_awaitable);
     }
     while (attaching > 0) {
         wake.expires_at(asio::steady_timer::time_point::max());
         error_code wait_ec;
         co_await wake.async_wait(use_ec(wait_ec));
+    }
+    // The consoles last, not waited for: QEMU's console log has the output meanwhile, and a
+    // console operation that comes first connects it itself.
+    for (const auto& [name, e] : machines_) {
+        if (e->machine && e->def.spec.console.enabled && e->machine->is_running()) {
+            spawn(connect_console(e->machine, name), "connect a console");
+        }
     }
     const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(
                         std::chrono::steady_clock::now() - started)

@@ -239,6 +239,7 @@ private:
     StopReason reason_from_exit(const Entry& e) const;
 
     std::shared_ptr<Machine> make_machine(Entry& e);
+    awaitable<void> connect_console(std::shared_ptr<Machine> machine, std::string name);
     awaitable<void> attach_one(std::shared_ptr<Entry> e, RuntimeRecord record, pid_t pid,
                                int pidfd);
     void settle_dead(Entry& e, const RuntimeRecord& record, const std::string& why);

@@ -165,6 +165,7 @@ Console::Console(const asio::any_io_executor& ex, ConsoleOptions options)
     : ex_(ex)
     , options_(std::move(options))
     , socket_(ex)
+    , connect_done_(ex)
 {}
 
 Console::~Console()
@@ -176,6 +177,16 @@ Console::~Console()
 awaitable<expected<void>> Console::connect(std::string path)
 {
     auto self = shared_from_this();
+    if (state_ == State::connecting) {
+        error_code ignored;
+        co_await connect_done_.async_wait(use_ec(ignored));
+        if (state_ != State::connected) {
+            co_return fail(errc::connect_failed,
+                           fmt::format("cannot connect to the console '{}' (another attempt "
+                                       "failed)", path));
+        }
+        co_return expected<void>{};
+    }
     if (state_ != State::idle) {
         co_return fail(errc::invalid_state, "console already connected or closed");
     }
@@ -186,9 +197,11 @@ awaitable<expected<void>> Console::connect(std::string path)
                                    path, max_socket_path));
     }
     state_ = State::connecting;
+    connect_done_.expires_at(asio::steady_timer::time_point::max());
     const asio::local::stream_protocol::endpoint endpoint(path);
     error_code ec;
     co_await socket_.async_connect(endpoint, use_ec(ec));
+    connect_done_.cancel();
     if (state_ == State::closed) {
         co_return fail(errc::invalid_state, "console closed while connecting");
     }

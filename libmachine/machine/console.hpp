@@ -111,6 +111,7 @@ public:
     ~Console();
 
     // Connects to the unix socket at `path` and starts draining it. The log is bounded at once.
+    // A call while another connects completes with that attempt's outcome.
     awaitable<expected<void>> connect(std::string path);
     // Ends the connection (idempotent). Pending writes and waits fail with errc::invalid_state;
     // the ring stays readable.
@@ -160,6 +161,8 @@ private:
     asio::local::stream_protocol::socket socket_;
     State state_ = State::idle;
     std::string why_closed_;
+    // Cancelled when a connect() ends: what a second caller waits on.
+    asio::steady_timer connect_done_;
 
     // The ring: buf_ holds bytes [buf_begin_, total_); the logical ring is its last ring_size.
     std::string buf_;

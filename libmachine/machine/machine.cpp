@@ -531,6 +531,7 @@ void Machine::begin_run()
 {
     // What one process (launched or attached) learns about itself starts from nothing.
     quit_issued_ = false;
+    console_later_ = false;
     user_killed_ = false;
     sigkill_sent_ = false;
     guest_shutdown_ = false;
@@ -742,8 +743,10 @@ awaitable<expected<void>> Machine::negotiate(qmp::Socket socket,
         }
         co_return fail(greeting.error());
     }
-    if (auto console = co_await connect_console(); !console) {
-        co_return fail(console.error());
+    if (!console_later_) {
+        if (auto console = co_await connect_console(); !console) {
+            co_return fail(console.error());
+        }
     }
     client_->on_disconnect([this, life = std::weak_ptr<int>(life_)](const Error& e) {
         if (life.expired() || exit_status_ || quit_issued_ || shutting_down_ ||
@@ -805,6 +808,7 @@ awaitable<expected<void>> Machine::attach(AttachOptions options)
     iolog_.clear();
     last_shutdown_step_ = ShutdownStep::none;
     begin_run();
+    console_later_ = options.console_later;
     full_args_ = std::move(options.argv);
     pid_ = options.pid;
     launching_ = true;
@@ -1238,7 +1242,8 @@ awaitable<expected<void>> Machine::ensure_console()
     if (console_->is_connected() || console_->is_closed() || !is_running()) {
         co_return expected<void>{}; // the operation itself says what is wrong, if anything
     }
-    // Without a QMP monitor launch() could not know when the socket exists: connect now.
+    // Without a QMP monitor launch() could not know when the socket exists, and attach() may have
+    // left it for later: connect now.
     auto console = console_;
     std::string path = console_socket_path();
     co_return co_await console->connect(std::move(path));

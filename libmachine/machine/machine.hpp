@@ -99,6 +99,10 @@ struct AttachOptions
     int pidfd = -1;
     // The command line it was started with (for messages).
     std::vector<std::string> argv{};
+    // Leave the console for ensure_console() (or the first console operation): a supervisor that
+    // takes over hundreds of machines answers first and connects their consoles afterwards.
+    // QEMU's console log has the output meanwhile.
+    bool console_later = false;
 };
 
 // How a graceful shutdown starts.
@@ -193,10 +197,15 @@ public:
     // Beyond the seed: takes over a QEMU that is already running (see AttachOptions): watches it
     // through its pidfd (its exit status is then unknown: it is not our child), connects to the
     // monitor it serves, negotiates, asks query-status, and connects the console. Completes once
-    // QMP is negotiated. When the monitor does not answer, the machine still holds the process
+    // QMP is negotiated (the console may be left for later: AttachOptions::console_later). When
+    // the monitor does not answer, the machine still holds the process
     // (state unresponsive: shutdown() then kills it) and the error says why. errc::invalid_state
     // when launched already.
     awaitable<expected<void>> attach(AttachOptions options);
+    // Connects the console if it is not yet (a machine without a monitor, or attached with
+    // console_later); console operations call it themselves. errc::invalid_state without a
+    // console or before a launch.
+    awaitable<expected<void>> ensure_console();
     // Beyond the seed: lets the process run on without us: closes the QMP and console connections,
     // stops watching the process and leaves its socket files and logs, so that a later attach()
     // (from a restarted supervisor) finds them. Afterwards the machine is as if never launched.
@@ -319,7 +328,6 @@ private:
     awaitable<expected<void>> do_launch();
     awaitable<expected<void>> soft_shutdown(std::chrono::milliseconds timeout, bool has_quit);
     awaitable<bool> powerdown_guest(std::chrono::milliseconds timeout);
-    awaitable<expected<void>> ensure_console();
     ShutdownStep exit_step() const;
     awaitable<expected<void>> hard_shutdown();
     awaitable<bool> wait_until(std::function<bool()> done, std::chrono::milliseconds timeout);
@@ -357,6 +365,7 @@ private:
     bool launching_ = false;
     bool shutting_down_ = false;
     bool quit_issued_ = false;
+    bool console_later_ = false; // this run's attach() leaves the console to ensure_console()
     bool user_killed_ = false;
     pid_t pid_ = -1;
     std::optional<proc::ExitStatus> exit_status_;

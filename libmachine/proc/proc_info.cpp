@@ -115,9 +115,13 @@ std::string hash_command_line(const std::vector<std::string>& argv)
 
 std::string boot_id()
 {
-    std::ifstream f("/proc/sys/kernel/random/boot_id");
-    std::string id;
-    std::getline(f, id);
+    // Constant until the next boot: read once.
+    static const std::string id = [] {
+        std::ifstream f("/proc/sys/kernel/random/boot_id");
+        std::string line;
+        std::getline(f, line);
+        return line;
+    }();
     return id;
 }
 

@@ -30,6 +30,7 @@
 #include "tests/machine/machine_fixture.hpp"
 
 #include "tests/support/children.hpp"
+#include "tests/support/daemon_process.hpp"
 namespace qm {
 namespace {
 
@@ -109,12 +110,14 @@ protected:
         return d;
     }
 
-    expected<void> attach(Machine& m, pid_t pid, int pidfd, std::vector<std::string> argv)
+    expected<void> attach(Machine& m, pid_t pid, int pidfd, std::vector<std::string> argv,
+                          bool console_later = false)
     {
         AttachOptions options;
         options.pid = pid;
         options.pidfd = pidfd;
         options.argv = std::move(argv);
+        options.console_later = console_later;
         return run_co(ioc_, m.attach(std::move(options)), 60s);
     }
 };
@@ -258,6 +261,45 @@ TEST_F(AttachTest, DetachLeavesQemuRunningAndASecondMachineAttachesAndQuitsIt)
     EXPECT_EQ(m1->state(), MachineState::defined);
     expect_nothing_left(*m2, d.pid);
     EXPECT_TRUE(warnings_.messages().empty()) << testing::PrintToString(warnings_.messages());
+}
+
+TEST_F(AttachTest, ConsoleLaterLeavesTheConsoleToEnsureConsoleAndTwoCallersShareOneConnection)
+{
+    const auto c = pass_config("a-later");
+    auto m1 = make_machine(c);
+    m1->set_console();
+    const auto d = launch_and_detach(*m1);
+    ASSERT_GT(d.pid, 0);
+    auto pidfd = proc::open_pidfd(d.pid);
+    ASSERT_TRUE(pidfd) << describe(pidfd.error());
+    auto m2 = make_machine(c);
+    m2->set_console();
+    ASSERT_TRUE(attach(*m2, d.pid, *pidfd, d.argv, /*console_later=*/true));
+    EXPECT_EQ(m2->state(), MachineState::running);
+    ASSERT_NE(m2->console(), nullptr);
+    EXPECT_FALSE(m2->console()->is_connected()) << "left for later";
+    EXPECT_EQ(test::unix_connections(m2->console_socket_path()), 0U);
+
+    // Two callers at once (the supervisor's deferred connect and a console operation): one
+    // connection, both succeed.
+    std::optional<expected<void>> first, second;
+    asio::co_spawn(ioc_, m2->ensure_console(),
+                   [&](const std::exception_ptr&, expected<void> r) { first = std::move(r); });
+    asio::co_spawn(ioc_, m2->ensure_console(),
+                   [&](const std::exception_ptr&, expected<void> r) { second = std::move(r); });
+    ASSERT_TRUE(run_until(ioc_, [&] { return first && second; }, 10s));
+    EXPECT_TRUE(*first) << describe(first->error());
+    EXPECT_TRUE(*second) << describe(second->error());
+    EXPECT_TRUE(m2->console()->is_connected());
+    EXPECT_TRUE(run_until(
+        ioc_, [&] { return test::unix_connections(m2->console_socket_path()) == 1U; }, 5s))
+        << test::unix_connections(m2->console_socket_path()) << " connection(s)";
+    auto written = run_co(ioc_, m2->console_write("hello\n"), 10s);
+    EXPECT_TRUE(written) << describe(written.error());
+
+    ASSERT_TRUE(shutdown(*m2));
+    EXPECT_TRUE(run_until(ioc_, [&] { return process_gone(d.pid); }, 10s));
+    expect_nothing_left(*m2, d.pid);
 }
 
 TEST_F(AttachTest, AnAttachedQemuKilledFromOutsideIsSeenThroughThePidfdAsCrashed)
