@@ -29,6 +29,34 @@ std::optional<std::uint64_t> get_uint(const json::Value& obj, std::string_view k
     return v->GetUint64();
 }
 
+// A JSON object of this record format (every record file's first checks).
+expected<json::Document> parse_versioned(std::string_view text)
+{
+    auto doc = json::parse(text);
+    if (!doc) {
+        return fail(errc::invalid_argument, "not JSON: " + doc.error().message);
+    }
+    if (!doc->IsObject()) {
+        return fail(errc::invalid_argument, "not a JSON object");
+    }
+    const auto format = json::get_int(*doc, "format");
+    if (!format || *format != record_format) {
+        return fail(errc::invalid_argument,
+                    fmt::format("format {} is not {}", format.value_or(-1), record_format));
+    }
+    return doc;
+}
+
+// Sets `out` to the string `key` of `obj`; false when it is missing or not a string.
+bool read_string(const json::Value& obj, std::string_view key, std::string& out)
+{
+    auto v = json::get_string(obj, key);
+    if (v) {
+        out = std::string(*v);
+    }
+    return v.has_value();
+}
+
 // Checks one candidate pid against the record: returns its pidfd when it is the recorded QEMU.
 expected<int> check_process(const RuntimeRecord& r, pid_t pid, bool check_start_time)
 {
@@ -90,25 +118,13 @@ std::string record_to_json(const RuntimeRecord& r)
 
 expected<RuntimeRecord> record_from_json(std::string_view text)
 {
-    auto doc = json::parse(text);
+    auto doc = parse_versioned(text);
     if (!doc) {
-        return fail(errc::invalid_argument, "not JSON: " + doc.error().message);
-    }
-    if (!doc->IsObject()) {
-        return fail(errc::invalid_argument, "not a JSON object");
-    }
-    const auto format = json::get_int(*doc, "format");
-    if (!format || *format != record_format) {
-        return fail(errc::invalid_argument,
-                    fmt::format("format {} is not {}", format.value_or(-1), record_format));
+        return fail(doc.error());
     }
     RuntimeRecord r;
-    auto need_string = [&](std::string_view key, std::string& out) {
-        auto v = json::get_string(*doc, key);
-        if (v) {
-            out = std::string(*v);
-        }
-        return v.has_value();
+    auto need_string = [&doc](std::string_view key, std::string& out) {
+        return read_string(*doc, key, out);
     };
     if (!need_string("name", r.name) || !need_string("uuid", r.uuid) ||
         !need_string("boot_id", r.boot_id) || !need_string("argv_hash", r.argv_hash) ||
@@ -154,12 +170,16 @@ std::string record_path(std::string_view dir)
     return std::string(dir) + "/record.json";
 }
 
-expected<void> write_record(const std::string& dir, const RuntimeRecord& r)
+namespace {
+
+// Writes `text` to "<dir>/<name>" atomically (temp file + rename; the runtime directory is a
+// tmpfs, so no fsync), 0600.
+expected<void> write_file_atomically(const std::string& dir, std::string_view name,
+                                     const std::string& text)
 {
-    const std::string path = record_path(dir);
-    const std::string temp = dir + "/.record.json.tmp";
-    const std::string text = record_to_json(r);
-    const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    const std::string path = fmt::format("{}/{}", dir, name);
+    const std::string temp = fmt::format("{}/.{}.tmp", dir, name);
+    const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
     if (fd < 0) {
         return fail(errc::system_error,
                     fmt::format("cannot write '{}': {}", temp, std::strerror(errno)));
@@ -189,23 +209,120 @@ expected<void> write_record(const std::string& dir, const RuntimeRecord& r)
     return {};
 }
 
-expected<std::optional<RuntimeRecord>> read_record(const std::string& dir)
+// The text of a small file; std::nullopt when there is none.
+expected<std::optional<std::string>> read_small_file(const std::string& path)
 {
-    const std::string path = record_path(dir);
     std::ifstream f(path, std::ios::binary);
     if (!f) {
         if (errno == ENOENT) {
-            return std::optional<RuntimeRecord>{};
+            return std::optional<std::string>{};
         }
         return fail(errc::system_error,
                     fmt::format("cannot read '{}': {}", path, std::strerror(errno)));
     }
-    std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-    auto r = record_from_json(text);
+    return std::optional<std::string>(
+        std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>()));
+}
+
+} // namespace
+
+expected<void> write_record(const std::string& dir, const RuntimeRecord& r)
+{
+    return write_file_atomically(dir, "record.json", record_to_json(r));
+}
+
+expected<std::optional<RuntimeRecord>> read_record(const std::string& dir)
+{
+    const std::string path = record_path(dir);
+    auto text = read_small_file(path);
+    if (!text) {
+        return fail(text.error());
+    }
+    if (!*text) {
+        return std::optional<RuntimeRecord>{};
+    }
+    auto r = record_from_json(**text);
     if (!r) {
         return fail(errc::invalid_argument, fmt::format("'{}': {}", path, r.error().message));
     }
     return std::optional<RuntimeRecord>(std::move(*r));
+}
+
+std::string last_run_to_json(const LastRun& r)
+{
+    json::Document d(rapidjson::kObjectType);
+    auto& a = d.GetAllocator();
+    auto str = [&a](std::string_view s) {
+        return json::Value(s.data(), static_cast<rapidjson::SizeType>(s.size()), a);
+    };
+    d.AddMember("format", record_format, a);
+    d.AddMember("state", str(r.state), a);
+    d.AddMember("since_us", r.since_us, a);
+    d.AddMember("stop_kind", str(r.stop_kind), a);
+    d.AddMember("stop_signal", r.stop_signal, a);
+    d.AddMember("stop_exit_code",
+                r.stop_exit_code ? json::Value(*r.stop_exit_code) : json::Value(), a);
+    d.AddMember("stop_detail", str(r.stop_detail), a);
+    d.AddMember("exit", str(r.exit), a);
+    d.AddMember("exit_value", r.exit_value, a);
+    d.AddMember("restart_count", r.restart_count, a);
+    return json::to_string(d) + "\n";
+}
+
+expected<LastRun> last_run_from_json(std::string_view text)
+{
+    auto doc = parse_versioned(text);
+    if (!doc) {
+        return fail(doc.error());
+    }
+    LastRun r;
+    auto need_string = [&doc](std::string_view key, std::string& out) {
+        return read_string(*doc, key, out);
+    };
+    if (!need_string("state", r.state) || !need_string("stop_kind", r.stop_kind) ||
+        !need_string("stop_detail", r.stop_detail) || !need_string("exit", r.exit)) {
+        return fail(errc::invalid_argument, "a string field is missing");
+    }
+    const auto since = json::get_int(*doc, "since_us");
+    const auto signal = json::get_int(*doc, "stop_signal");
+    const auto value = json::get_int(*doc, "exit_value");
+    const auto restarts = get_uint(*doc, "restart_count");
+    if (!since || !signal || !value || !restarts) {
+        return fail(errc::invalid_argument, "a number field is missing");
+    }
+    r.since_us = *since;
+    r.stop_signal = static_cast<int>(*signal);
+    r.exit_value = static_cast<int>(*value);
+    r.restart_count = static_cast<std::uint32_t>(*restarts);
+    const json::Value* code = json::find(*doc, "stop_exit_code");
+    if (code != nullptr && code->IsInt()) {
+        r.stop_exit_code = code->GetInt();
+    } else if (code == nullptr || !code->IsNull()) {
+        return fail(errc::invalid_argument, "stop_exit_code must be an integer or null");
+    }
+    return r;
+}
+
+expected<void> write_last_run(const std::string& dir, const LastRun& r)
+{
+    return write_file_atomically(dir, "last.json", last_run_to_json(r));
+}
+
+expected<std::optional<LastRun>> read_last_run(const std::string& dir)
+{
+    const std::string path = dir + "/last.json";
+    auto text = read_small_file(path);
+    if (!text) {
+        return fail(text.error());
+    }
+    if (!*text) {
+        return std::optional<LastRun>{};
+    }
+    auto r = last_run_from_json(**text);
+    if (!r) {
+        return fail(errc::invalid_argument, fmt::format("'{}': {}", path, r.error().message));
+    }
+    return std::optional<LastRun>(std::move(*r));
 }
 
 void remove_record(const std::string& dir) noexcept

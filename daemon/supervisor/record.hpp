@@ -52,6 +52,33 @@ expected<void> write_record(const std::string& dir, const RuntimeRecord& r);
 expected<std::optional<RuntimeRecord>> read_record(const std::string& dir);
 void remove_record(const std::string& dir) noexcept;
 
+// How the last run of a machine ended ("<dir>/last.json", versioned): a restarted daemon shows a
+// machine that stopped, crashed or failed before as such, with its reason and exit, rather than
+// as never started. In the runtime directory: a reboot forgets it, as it forgets the processes.
+// Plain values, so that the record knows nothing of the supervisor's types.
+struct LastRun
+{
+    std::string state; // "stopped", "crashed" or "failed"
+    std::int64_t since_us = 0;
+    std::string stop_kind; // the stop reason's kind ("guest-poweroff", ...)
+    int stop_signal = 0;
+    std::optional<int> stop_exit_code{};
+    std::string stop_detail;
+    std::string exit;   // the process's exit: "exited", "signaled", "unknown", or empty (none)
+    int exit_value = 0; // the code when exited, the signal when signaled
+    std::uint32_t restart_count = 0;
+
+    bool operator==(const LastRun&) const = default;
+};
+
+std::string last_run_to_json(const LastRun& r);
+// errc::invalid_argument with the reason.
+expected<LastRun> last_run_from_json(std::string_view text);
+// Written atomically, 0600 (as write_record). errc::system_error.
+expected<void> write_last_run(const std::string& dir, const LastRun& r);
+// std::nullopt when there is none; errc::invalid_argument / system_error when unreadable.
+expected<std::optional<LastRun>> read_last_run(const std::string& dir);
+
 // Whether the process the record names is alive and is that QEMU: same boot, a pidfd for the pid,
 // the same start time, the same command line. On success the pidfd (the caller owns it).
 // errc::invalid_state with the reason it is not ("process 123 is gone", "pid 123 was reused").

@@ -98,6 +98,22 @@ const char* to_string(StopReason::Kind kind) noexcept
     return "unknown";
 }
 
+namespace {
+
+std::optional<StopReason::Kind> stop_reason_kind_from_string(std::string_view s)
+{
+    using K = StopReason::Kind;
+    for (K k : {K::none, K::guest_poweroff, K::host_quit, K::host_kill, K::signal, K::crashed,
+                K::launch_failed, K::unknown}) {
+        if (s == daemon::to_string(k)) {
+            return k;
+        }
+    }
+    return std::nullopt;
+}
+
+} // namespace
+
 void stop_reason_to_json(const StopReason& r, json::Value& out, json::Document::AllocatorType& a)
 {
     out.SetObject();
@@ -364,6 +380,65 @@ void Supervisor::remove_runtime_files(const Entry& e, const RuntimeRecord* recor
     remove_record(e.dir);
 }
 
+void Supervisor::save_last_run(const Entry& e)
+{
+    LastRun r;
+    r.state = std::string(qm::to_string(e.state));
+    r.since_us = e.state_since_us;
+    r.stop_kind = daemon::to_string(e.stop_reason.kind);
+    r.stop_signal = e.stop_reason.signal;
+    r.stop_exit_code = e.stop_reason.exit_code;
+    r.stop_detail = e.stop_reason.detail;
+    if (e.last_exit) {
+        switch (e.last_exit->kind) {
+        case proc::ExitStatus::Kind::exited:
+            r.exit = "exited";
+            r.exit_value = e.last_exit->code;
+            break;
+        case proc::ExitStatus::Kind::signaled:
+            r.exit = "signaled";
+            r.exit_value = e.last_exit->signal;
+            break;
+        case proc::ExitStatus::Kind::unknown: r.exit = "unknown"; break;
+        }
+    }
+    r.restart_count = e.restart_count;
+    if (auto written = write_last_run(e.dir, r); !written) {
+        spdlog::warn("Failed to record how '{}' ended: {}", e.def.name, written.error().message);
+    }
+}
+
+void Supervisor::restore_last_run(Entry& e)
+{
+    auto last = read_last_run(e.dir);
+    if (!last) {
+        spdlog::warn("Ignoring the last run of '{}': {}", e.def.name, last.error().message);
+        return;
+    }
+    if (!*last) {
+        return;
+    }
+    const LastRun& r = **last;
+    const auto state = machine_state_from_string(r.state);
+    const auto kind = stop_reason_kind_from_string(r.stop_kind);
+    if (!state || has_process(*state) || *state == MachineState::defined || !kind) {
+        spdlog::warn("Ignoring the last run of '{}': state '{}', stop reason '{}'", e.def.name,
+                     r.state, r.stop_kind);
+        return;
+    }
+    e.state = *state;
+    e.state_since_us = r.since_us;
+    e.stop_reason = StopReason{*kind, r.stop_signal, r.stop_exit_code, r.stop_detail};
+    e.restart_count = r.restart_count;
+    if (r.exit == "exited") {
+        e.last_exit = proc::ExitStatus{proc::ExitStatus::Kind::exited, r.exit_value, 0, false};
+    } else if (r.exit == "signaled") {
+        e.last_exit = proc::ExitStatus{proc::ExitStatus::Kind::signaled, -1, r.exit_value, false};
+    } else if (r.exit == "unknown") {
+        e.last_exit = proc::ExitStatus{};
+    }
+}
+
 void Supervisor::settle_dead(Entry& e, const RuntimeRecord& record, const std::string& why)
 {
     remove_runtime_files(e, &record);
@@ -487,6 +562,7 @@ awaitable<void> Supervisor::reattach()
         }
         if (!*record) {
             remove_runtime_files(*e, nullptr); // sockets of a run that ended without cleanup
+            restore_last_run(*e);              // how its last run ended, if it ran
             continue;
         }
         const RuntimeRecord& r = **record;
@@ -766,6 +842,9 @@ void Supervisor::set_state(Entry& e, MachineState state, std::string detail)
         why = fmt::format("reason {}", daemon::to_string(e.stop_reason.kind));
     }
     spdlog::info("Machine '{}' is {} (was {}){}{}", e.def.name, s, p, why.empty() ? "" : ": ", why);
+    if (data.HasMember("reason")) {
+        save_last_run(e); // a restarted daemon shows it as it ended
+    }
     events_.publish(e.def.name, event_names::state_changed, data);
     e.notify();
     if (e.unresponsive_timer) {

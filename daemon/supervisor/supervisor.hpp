@@ -240,6 +240,8 @@ private:
 
     std::shared_ptr<Machine> make_machine(Entry& e);
     awaitable<void> connect_console(std::shared_ptr<Machine> machine, std::string name);
+    void save_last_run(const Entry& e);
+    void restore_last_run(Entry& e);
     awaitable<void> attach_one(std::shared_ptr<Entry> e, RuntimeRecord record, pid_t pid,
                                int pidfd);
     void settle_dead(Entry& e, const RuntimeRecord& record, const std::string& why);

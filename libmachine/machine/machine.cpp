@@ -697,8 +697,17 @@ awaitable<expected<void>> Machine::do_launch()
     }
 
     if (launch_monitor) {
-        // If QEMU exits first, its end of the pair closes and the greeting wait ends at once.
-        co_return co_await negotiate(std::move(*launch_monitor), config_.qmp_timer);
+        // If QEMU exits first, its end of the pair closes and the greeting wait ends at once,
+        // usually before we hear of the exit: wait for it a moment, to say how QEMU ended.
+        auto negotiated = co_await negotiate(std::move(*launch_monitor), config_.qmp_timer);
+        if (!negotiated && !exit_status_ && !negotiated.error().is(errc::timeout)) {
+            co_await wait_for_exit(std::chrono::milliseconds(1000));
+            if (exit_status_) {
+                co_return fail(errc::spawn_failed,
+                               "QEMU " + exit_status_->to_string() + " before its QMP greeting");
+            }
+        }
+        co_return negotiated;
     }
     // _post_launch: accept QEMU's connection. If QEMU exits first, handle_exit closes the
     // listener and the accept ends at once.

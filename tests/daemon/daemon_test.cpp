@@ -278,13 +278,19 @@ TEST_F(DaemonTest, SigtermUnderBothPolicies)
     }
     EXPECT_FALSE(fs::exists(socket_path()));
 
-    // The next start has nothing to take over: the machines are there, without a process.
+    // The next start has nothing to take over: the machines are there, without a process, as
+    // the policy stopped them.
     ASSERT_NO_FATAL_FAILURE(start_default_daemon());
     EXPECT_TRUE(daemon().says("Re-attached 0 running machine(s), 0 died")) << daemon().output();
     for (const auto& [name, pid] : pids) {
         const json::Document d = machine(name);
-        EXPECT_EQ(json::get_string(d, "state"), "defined") << json::to_string(d);
+        EXPECT_EQ(json::get_string(d, "state"), "stopped") << json::to_string(d);
         EXPECT_EQ(json::get_int(d, "pid"), std::nullopt) << json::to_string(d);
+        const json::Value* reason = json::find(d, "stop_reason");
+        ASSERT_NE(reason, nullptr) << json::to_string(d);
+        EXPECT_EQ(json::get_string(*reason, "kind"), "host-quit") << json::to_string(d);
+        // Taken over at the re-attach, not the daemon's child: its exit status is unknown.
+        EXPECT_EQ(json::get_int(d, "exit_code"), std::nullopt) << json::to_string(d);
     }
 }
 

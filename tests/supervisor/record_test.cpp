@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
@@ -279,6 +280,88 @@ TEST_F(RecordFileTest, WriteIntoAMissingDirectoryFails)
     ASSERT_FALSE(r);
     EXPECT_TRUE(r.error().is(errc::system_error)) << describe(r.error());
     EXPECT_NE(r.error().message.find((dir_ / "missing").string()), std::string::npos);
+}
+
+LastRun sample_last_run()
+{
+    LastRun r;
+    r.state = "crashed";
+    r.since_us = 1795665683123456;
+    r.stop_kind = "signal";
+    r.stop_signal = SIGKILL;
+    r.stop_detail = "killed by signal 9 (Killed), \"quoted\"";
+    r.exit = "signaled";
+    r.exit_value = SIGKILL;
+    r.restart_count = 3;
+    return r;
+}
+
+TEST_F(RecordFileTest, LastRunRoundTripsAndSitsBesideTheRecord)
+{
+    auto none = read_last_run(dir_.string());
+    ASSERT_TRUE(none) << describe(none.error());
+    EXPECT_EQ(*none, std::nullopt);
+
+    auto crashed = sample_last_run();
+    ASSERT_TRUE(write_last_run(dir_.string(), crashed));
+    ASSERT_TRUE(write_record(dir_.string(), sample()));
+    struct stat st
+    {
+    };
+    ASSERT_EQ(::stat((dir_ / "last.json").c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 07777, 0600U);
+    auto back = read_last_run(dir_.string());
+    ASSERT_TRUE(back && back->has_value()) << (back ? "none" : describe(back.error()));
+    EXPECT_EQ(**back, crashed);
+
+    // Replaced as a whole by the next run's end: an exit code and no exit status.
+    LastRun stopped;
+    stopped.state = "stopped";
+    stopped.since_us = 42;
+    stopped.stop_kind = "crashed";
+    stopped.stop_exit_code = 1;
+    ASSERT_TRUE(write_last_run(dir_.string(), stopped));
+    auto again = read_last_run(dir_.string());
+    ASSERT_TRUE(again && again->has_value());
+    EXPECT_EQ(**again, stopped);
+    EXPECT_EQ(last_run_from_json(last_run_to_json(stopped)).value(), stopped);
+    // Only the two files: the temporary ones were renamed.
+    std::vector<std::string> entries;
+    for (const auto& e : fs::directory_iterator(dir_)) {
+        entries.push_back(e.path().filename().string());
+    }
+    std::sort(entries.begin(), entries.end());
+    EXPECT_EQ(entries, (std::vector<std::string>{"last.json", "record.json"}));
+}
+
+TEST_F(RecordFileTest, ABadLastRunIsAnErrorNamingItsPath)
+{
+    const auto path = (dir_ / "last.json").string();
+    const std::string good = last_run_to_json(sample_last_run());
+    auto edit = [&](const std::function<void(json::Document&)>& change) {
+        auto d = json::parse(good);
+        change(*d);
+        return json::to_string(*d);
+    };
+    const std::vector<std::pair<std::string, std::string>> cases{
+        {"{\"format\": 1, \"state\": ", "not JSON"},
+        {"[]", "not a JSON object"},
+        {edit([](json::Document& d) { d["format"].SetInt(7); }), "format 7 is not 1"},
+        {edit([](json::Document& d) { d.RemoveMember("stop_kind"); }), "a string field is missing"},
+        {edit([](json::Document& d) { d["since_us"].SetString("soon"); }),
+         "a number field is missing"},
+        {edit([](json::Document& d) { d["stop_exit_code"].SetString("1"); }),
+         "stop_exit_code must be an integer or null"},
+    };
+    for (const auto& [text, message] : cases) {
+        SCOPED_TRACE(text);
+        write_raw(path, text);
+        auto r = read_last_run(dir_.string());
+        ASSERT_FALSE(r);
+        EXPECT_TRUE(r.error().is(errc::invalid_argument)) << describe(r.error());
+        EXPECT_NE(r.error().message.find(path), std::string::npos) << r.error().message;
+        EXPECT_NE(r.error().message.find(message), std::string::npos) << r.error().message;
+    }
 }
 
 // A live child and the record a supervisor would have written for it.
