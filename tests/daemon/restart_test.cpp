@@ -4,6 +4,7 @@
 // machine failed; a machine that stopped, crashed or failed before a daemon restart is shown as it
 // ended (state, reason, exit), not as never started.
 #include <signal.h>
+#include <unistd.h>
 #include <sys/types.h>
 
 #include <chrono>
@@ -15,6 +16,7 @@
 #include <gtest/gtest.h>
 
 #include "libmachine/json.hpp"
+#include "libmachine/proc/proc_info.hpp"
 #include "tests/daemon/machine_daemon.hpp"
 #include "tests/support/daemon_process.hpp"
 
@@ -32,6 +34,12 @@ std::string restarting_spec()
         "restart": {{"policy": "on-failure", "max_restarts": 1, "window_s": 600,
                      "backoff_initial_ms": 100, "backoff_max_ms": 200}}}})",
                        json::quote(QemuProcess::binary()));
+}
+
+// Seconds since boot (/proc/uptime, 10 ms resolution): the clock of /proc/PID/stat's start time.
+double uptime_s()
+{
+    return std::stod(read_whole_file("/proc/uptime"));
 }
 
 class RestartTest : public MachineDaemonTest
@@ -69,10 +77,16 @@ TEST_F(RestartTest, KilledQemuIsRestartedAlsoAcrossADaemonRestartUntilTheCrashLo
     const pid_t pid1 = start_machine("r");
     ASSERT_GT(pid1, 0);
 
-    // Killed from outside: a crash, restarted after the backoff.
+    // Killed from outside: a crash, restarted after the backoff (100 ms): the new QEMU started
+    // at least that long after the kill (both on the clock of /proc, 10 ms ticks).
+    const double killed_at = uptime_s();
     ASSERT_EQ(::kill(pid1, SIGKILL), 0);
     const pid_t pid2 = wait_new_process("r", pid1);
     ASSERT_GT(pid2, 0);
+    auto started = proc::process_start_time(pid2);
+    ASSERT_TRUE(started);
+    const double started_at = static_cast<double>(*started) / static_cast<double>(::sysconf(_SC_CLK_TCK));
+    EXPECT_GE(started_at - killed_at, 0.09) << "restarted before the backoff";
     EXPECT_EQ(json::get_int(machine("r"), "restart_count"), 1) << json::to_string(machine("r"));
     EXPECT_TRUE(daemon().says("Restarting 'r' in 100 ms (policy on-failure, attempt 1 of 1"))
         << daemon().output();
