@@ -327,12 +327,7 @@ private:
             notifier_.stopping(fmt::format("Exiting, leaving {} machine(s) running",
                                            machines_with_process()));
             supervisor_.detach_all();
-            if (server_) {
-                server_->close();
-            }
-            done_ = true;
-            signals_.cancel();
-            ioc_.stop();
+            finish();
             return;
         }
         spdlog::info("Received {}: stopping every machine, then exiting", strsignal(signo));
@@ -346,13 +341,32 @@ private:
             if (e) {
                 spdlog::error("Failed to shut down cleanly: {}", qm::describe_exception(e));
             }
-            if (server_) {
-                server_->close();
-            }
-            done_ = true;
-            signals_.cancel();
-            ioc_.stop();
+            finish();
         });
+    }
+
+    // The end: the REST server closes (event streams end with their last chunk), the loop runs
+    // until its connections are gone, at most a second, then stops.
+    void finish()
+    {
+        if (server_) {
+            server_->close();
+        }
+        done_ = true;
+        signals_.cancel();
+        finish_deadline_ = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+        wait_for_connections();
+    }
+
+    void wait_for_connections()
+    {
+        if (!server_ || server_->connections() == 0 ||
+            std::chrono::steady_clock::now() >= finish_deadline_) {
+            ioc_.stop();
+            return;
+        }
+        finish_timer_.expires_after(std::chrono::milliseconds(5));
+        finish_timer_.async_wait([this](qm::error_code) { wait_for_connections(); });
     }
 
     // SIGHUP: the configuration file again. The log level applies at once; the directories are
@@ -388,6 +402,8 @@ private:
     qm::rest::Api api_;
     std::optional<qm::rest::Server> server_;
     qm::asio::signal_set signals_;
+    qm::asio::steady_timer finish_timer_{ioc_};
+    std::chrono::steady_clock::time_point finish_deadline_{};
     bool stopping_ = false;
     bool done_ = false;
     bool reattached_ = false; // reattach() completed

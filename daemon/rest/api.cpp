@@ -16,6 +16,7 @@
 
 #include <fmt/format.h>
 
+#include "daemon/rest/stream.hpp"
 #include "daemon/supervisor/errors.hpp"
 #include "daemon/supervisor/spec.hpp"
 #include "daemon/supervisor/supervisor.hpp"
@@ -30,6 +31,9 @@ using daemon::OpResult;
 
 constexpr std::string_view json_media_type = "application/json";
 constexpr std::string_view text_media_type = "text/plain; charset=utf-8";
+// The waits (events, console): at most an hour, 30 s unless the request says otherwise.
+constexpr double max_wait_s = 3600;
+constexpr std::chrono::milliseconds default_wait = std::chrono::seconds(30);
 
 Response json_response(int status, std::string body)
 {
@@ -210,6 +214,9 @@ std::string_view audited_op(Route route)
     case Route::machine_get:
     case Route::log:
     case Route::console_log:
+    case Route::console_wait:
+    case Route::events_wait:
+    case Route::events:
         break;
     }
     return {};
@@ -385,6 +392,8 @@ awaitable<Response> Api::dispatch(RouteMatch m, Request req)
     case Route::console_log:
         bad_query = check_query(m.query, {"tail"});
         break;
+    case Route::events:
+        break; // `event` is repeatable: events() checks its own query
     default:
         bad_query = check_query(m.query, {});
         break;
@@ -422,6 +431,15 @@ awaitable<Response> Api::dispatch(RouteMatch m, Request req)
         break;
     case Route::qmp:
         r = co_await qmp(m.name, std::move(req));
+        break;
+    case Route::events:
+        r = events(m.query, req);
+        break;
+    case Route::events_wait:
+        r = co_await events_wait(m.name, std::move(req));
+        break;
+    case Route::console_wait:
+        r = co_await console_wait(m.name, std::move(req));
         break;
     case Route::start:
     case Route::stop:
@@ -723,6 +741,223 @@ awaitable<Response> Api::action(Route route, std::string name, Request req)
         break;
     }
     co_return op_response(result);
+}
+
+//---- streams and waits ------------------------------------------------------------------------
+
+namespace {
+
+// `{"event": NAME}` or "NAME" in a query: what an event name may be (QMP's and the daemon's are
+// upper case with underscores; anything printable is allowed, bounded).
+bool valid_event_name(std::string_view name)
+{
+    if (name.empty() || name.size() > 128) {
+        return false;
+    }
+    return std::all_of(name.begin(), name.end(), [](char c) {
+        return static_cast<unsigned char>(c) > 0x20 && static_cast<unsigned char>(c) < 0x7f;
+    });
+}
+
+// The JSON object of a `match` (the seed's event_match criteria).
+std::variant<json::Document, Response> match_object(std::string_view text)
+{
+    auto parsed = json::parse(text);
+    if (!parsed || !parsed->IsObject()) {
+        return bad_request("match must be a JSON object (the event_match criteria)", "match");
+    }
+    return std::move(*parsed);
+}
+
+} // namespace
+
+Response Api::events(const Query& query, const Request& req)
+{
+    if (supervisor_.shutting_down()) {
+        return problem_response(make_problem(errc::shutting_down, "qmachined is shutting down"));
+    }
+    daemon::EventSelector selector;
+    selector.match.SetNull();
+    std::optional<std::uint64_t> since;
+    bool seen_machine = false;
+    bool seen_match = false;
+    bool seen_since = false;
+    for (const auto& [key, value] : query) {
+        const std::string shown = json::quote(std::string_view(key).substr(0, 64));
+        bool* seen = key == "machine" ? &seen_machine
+                     : key == "match" ? &seen_match
+                     : key == "since" ? &seen_since
+                                      : nullptr;
+        if (seen != nullptr) {
+            if (*seen) {
+                return bad_request(fmt::format("query parameter {} is given twice", shown), key);
+            }
+            *seen = true;
+        }
+        if (key == "machine") {
+            auto valid = daemon::validate_name(value);
+            if (!valid) {
+                return bad_request(valid.error().message, "machine");
+            }
+            selector.machine = value;
+        } else if (key == "event") {
+            if (!valid_event_name(value)) {
+                return bad_request("event must be an event name (printable, 1 to 128 bytes)",
+                                   "event");
+            }
+            selector.names.push_back(value);
+        } else if (key == "match") {
+            auto match = match_object(value);
+            if (auto* problem = std::get_if<Response>(&match)) {
+                return std::move(*problem);
+            }
+            selector.match = std::move(std::get<json::Document>(match));
+        } else if (key == "since") {
+            since = parse_uint(value);
+            if (!since) {
+                return bad_request("since must be an event sequence number", "since");
+            }
+        } else {
+            return bad_request(fmt::format("unknown query parameter {}", shown), key.substr(0, 64));
+        }
+    }
+    // An EventSource reconnecting sends the last id it got with the URL it first used: the id
+    // wins over the URL's `since`.
+    if (req.last_event_id) {
+        since = parse_uint(*req.last_event_id);
+        if (!since) {
+            return bad_request("Last-Event-ID must be an event sequence number", "Last-Event-ID");
+        }
+    }
+    auto& bus = supervisor_.events();
+    if (bus.subscriber_count() >= options_.max_subscribers) {
+        return problem_response(make_problem(
+            errc::limit_exceeded,
+            fmt::format("too many event subscribers (limit {})", options_.max_subscribers)));
+    }
+    // Subscribed now, before the answer is written: nothing published from here on is missed.
+    auto subscription = bus.subscribe(std::move(selector), since);
+    Response r;
+    r.status = 200;
+    r.stream = [subscription, stream_options = options_.event_stream](StreamConnection& c) {
+        return serve_events(c, subscription, stream_options);
+    };
+    return r;
+}
+
+awaitable<Response> Api::events_wait(std::string name, Request req)
+{
+    auto body = body_object(req, {"event", "match", "since", "timeout_s"});
+    if (auto* problem = std::get_if<Response>(&body)) {
+        co_return std::move(*problem);
+    }
+    const json::Document& doc = std::get<json::Document>(body);
+    daemon::EventSelector selector;
+    selector.match.SetNull();
+    if (const json::Value* event = json::find(doc, "event")) {
+        if (!event->IsString() ||
+            !valid_event_name(std::string_view(event->GetString(), event->GetStringLength()))) {
+            co_return bad_request("event must be an event name (printable, 1 to 128 bytes)",
+                                  "event");
+        }
+        selector.names.emplace_back(event->GetString(), event->GetStringLength());
+    }
+    if (const json::Value* match = json::find(doc, "match")) {
+        if (!match->IsObject()) {
+            co_return bad_request("match must be a JSON object (the event_match criteria)", "match");
+        }
+        selector.match.CopyFrom(*match, selector.match.GetAllocator());
+    }
+    std::optional<std::uint64_t> since;
+    if (const json::Value* s = json::find(doc, "since")) {
+        if (!s->IsUint64()) {
+            co_return bad_request("since must be an event sequence number", "since");
+        }
+        since = s->GetUint64();
+    }
+    auto timeout = seconds_member(doc, "timeout_s", max_wait_s, false);
+    if (auto* problem = std::get_if<Response>(&timeout)) {
+        co_return std::move(*problem);
+    }
+    const auto wait_for = std::get<0>(timeout).value_or(default_wait);
+    auto event = co_await supervisor_.wait_event(name, std::move(selector), since, wait_for);
+    json::Document d(rapidjson::kObjectType);
+    auto& a = d.GetAllocator();
+    if (!event) {
+        if (!event.error().is(errc::timeout)) {
+            co_return problem_response(make_problem(event.error()));
+        }
+        d.AddMember("timed_out", true, a);
+    } else {
+        d.AddMember("timed_out", false, a);
+        json::Value e;
+        e.CopyFrom(event->json(), a);
+        d.AddMember("event", e, a);
+    }
+    d.AddMember("event_seq", supervisor_.events().last_seq(), a);
+    co_return json_response(200, json::to_string(d));
+}
+
+awaitable<Response> Api::console_wait(std::string name, Request req)
+{
+    auto body = body_object(req, {"pattern", "from", "timeout_s"});
+    if (auto* problem = std::get_if<Response>(&body)) {
+        co_return std::move(*problem);
+    }
+    const json::Document& doc = std::get<json::Document>(body);
+    const json::Value* pattern = json::find(doc, "pattern");
+    if (pattern == nullptr) {
+        co_return bad_request("missing required field \"pattern\"", "pattern");
+    }
+    if (!pattern->IsString() || pattern->GetStringLength() == 0 ||
+        pattern->GetStringLength() > 4096) {
+        co_return bad_request("pattern must be a regular expression of 1 to 4096 bytes", "pattern");
+    }
+    auto compiled = ConsolePattern::regex(std::string_view(pattern->GetString(),
+                                                           pattern->GetStringLength()));
+    if (!compiled) {
+        co_return bad_request("pattern: " + compiled.error().message, "pattern");
+    }
+    std::uint64_t from = 0;
+    if (const json::Value* f = json::find(doc, "from")) {
+        if (!f->IsUint64()) {
+            co_return bad_request("from must be a console offset (a byte count)", "from");
+        }
+        from = f->GetUint64();
+    }
+    auto timeout = seconds_member(doc, "timeout_s", max_wait_s, false);
+    if (auto* problem = std::get_if<Response>(&timeout)) {
+        co_return std::move(*problem);
+    }
+    const auto wait_for = std::get<0>(timeout).value_or(default_wait);
+    auto matched = co_await supervisor_.console_wait(name, std::move(*compiled), wait_for, from);
+    json::Document d(rapidjson::kObjectType);
+    auto& a = d.GetAllocator();
+    if (!matched) {
+        if (!matched.error().is(errc::timeout)) {
+            co_return problem_response(make_problem(matched.error()));
+        }
+        d.AddMember("timed_out", true, a);
+        auto output = supervisor_.console_output(name, 0);
+        d.AddMember("offset", output ? output->second : 0, a);
+        co_return json_response(200, json::to_string(d));
+    }
+    d.AddMember("timed_out", false, a);
+    d.AddMember("match", json::Value(matched->text.c_str(),
+                                     static_cast<rapidjson::SizeType>(matched->text.size()), a),
+                a);
+    d.AddMember("begin", matched->begin, a);
+    d.AddMember("end", matched->end, a);
+    // The output from `from` to the end of the match, as far as the ring still holds it.
+    auto output = supervisor_.console_output(name, from);
+    std::string text = output ? std::move(output->first) : std::string();
+    const std::uint64_t start = output ? output->second - text.size() : matched->end;
+    if (matched->end >= start && matched->end - start < text.size()) {
+        text.resize(static_cast<std::size_t>(matched->end - start));
+    }
+    d.AddMember("output",
+                json::Value(text.c_str(), static_cast<rapidjson::SizeType>(text.size()), a), a);
+    co_return json_response(200, json::to_string(d));
 }
 
 } // namespace qm::rest

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <utility>
@@ -13,6 +14,7 @@
 #include "daemon/audit.hpp"
 #include "daemon/rest/problem.hpp"
 #include "daemon/rest/router.hpp"
+#include "daemon/rest/stream.hpp"
 #include "libmachine/asio.hpp"
 
 namespace qm::daemon {
@@ -29,9 +31,14 @@ struct Request
     std::string content_type;
     std::optional<std::string> if_match;
     std::string body;
+    // Last-Event-ID (an event stream's client reconnecting).
+    std::optional<std::string> last_event_id;
+    // A WebSocket handshake (Upgrade: websocket, RFC 6455 4.1).
+    bool websocket = false;
     // Who sent it (the session describes its peer once, at accept): for the audit line.
     daemon::Caller caller;
 };
+
 
 struct Response
 {
@@ -47,6 +54,9 @@ struct Response
     // names, the QMP command sent. Empty when the request failed before.
     std::string machine;
     std::string qmp_command;
+    // A streaming answer (events, the console): the session hands it the connection and it
+    // writes everything from the status line on; the fields above are then only for the log.
+    std::function<awaitable<void>(StreamConnection&)> stream;
 };
 
 // The response of a problem (with Allow for 405, WWW-Authenticate for 401).
@@ -65,6 +75,9 @@ struct ApiOptions
     std::string daemon_version;
     // Bytes read from the end of a log file at most.
     std::size_t log_read_limit = 1024 * 1024;
+    // Event streams open at once (GET /v1/events); more are refused with 429.
+    std::size_t max_subscribers = 1024;
+    EventStreamOptions event_stream{};
 };
 
 // Owned by the daemon; loop thread only; holds the supervisor by reference (it outlives the Api).
@@ -94,6 +107,9 @@ private:
     awaitable<Response> put_spec(std::string name, Request req);
     awaitable<Response> qmp(std::string name, Request req);
     awaitable<Response> action(Route route, std::string name, Request req);
+    Response events(const Query& query, const Request& req);
+    awaitable<Response> events_wait(std::string name, Request req);
+    awaitable<Response> console_wait(std::string name, Request req);
 
     daemon::Supervisor& supervisor_;
     ApiOptions options_;

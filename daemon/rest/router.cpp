@@ -27,6 +27,10 @@ constexpr std::array route_table{
     RouteInfo{Route::qmp, "POST", "/v1/machines/{name}/qmp", "machine.qmp"},
     RouteInfo{Route::log, "GET", "/v1/machines/{name}/log", "machine.log"},
     RouteInfo{Route::console_log, "GET", "/v1/machines/{name}/console/log", "machine.console.log"},
+    RouteInfo{Route::console_wait, "POST", "/v1/machines/{name}/console/wait",
+              "machine.console.wait"},
+    RouteInfo{Route::events_wait, "POST", "/v1/machines/{name}/events/wait", "machine.events.wait"},
+    RouteInfo{Route::events, "GET", "/v1/events", "events"},
 };
 
 // Splits "/a/b/c" into {"a", "b", "c"}; "/" into {""}.

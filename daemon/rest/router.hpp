@@ -32,6 +32,9 @@ enum class Route {
     qmp,
     log,
     console_log,
+    console_wait,
+    events_wait,
+    events,
 };
 
 struct RouteInfo

@@ -19,6 +19,7 @@
 
 #include "daemon/audit.hpp"
 #include "daemon/rest/beast.hpp"
+#include "daemon/rest/stream.hpp"
 #include "libmachine/deadline.hpp"
 
 namespace qm::rest {
@@ -539,6 +540,10 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
                 request.if_match = std::string(it->value());
             }
             request.body = std::move(msg.body());
+            if (auto it = msg.find("Last-Event-ID"); it != msg.end()) {
+                request.last_event_id = std::string(it->value());
+            }
+            request.websocket = iequals(sv(msg[http::field::upgrade]), "websocket");
             request.caller = caller;
             try {
                 response = co_await api_.handle(std::move(request));
@@ -550,6 +555,33 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
         }
         if (alive.expired() || closed_) {
             break;
+        }
+        if (response.stream) {
+            // The answer is a stream: it takes the connection over (as one socket type for unix
+            // and TCP) for as long as it lasts; Server::close() still closes it.
+            spdlog::debug("REST {} {} -> stream", std::string(msg.method_string()),
+                          std::string(msg.target()).substr(0, 200));
+            StreamConnection conn{asio::generic::stream_protocol::socket(std::move(socket)),
+                                  std::move(buffer), std::move(msg), options_.server_header, {}};
+            if (auto it = sessions_.find(id); it != sessions_.end()) {
+                it->second.close = [&conn] {
+                    if (conn.stop) {
+                        conn.stop();
+                        return;
+                    }
+                    error_code ignored;
+                    conn.socket.cancel(ignored);
+                    conn.socket.close(ignored);
+                };
+                it->second.expire = [] {};
+            }
+            co_await response.stream(conn);
+            if (!alive.expired()) {
+                sessions_.erase(id);
+            }
+            error_code ignored;
+            conn.socket.close(ignored);
+            co_return;
         }
         const auto us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - started);
         // 503 is an expected answer (shutting down, an unresponsive machine), not a failure here.

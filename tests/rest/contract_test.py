@@ -326,14 +326,16 @@ class Client:
         self.base_url = base_url
         self.count = 0
 
-    def request(self, method, target, body=None, content_type='application/json', headers=()):
+    def request(self, method, target, body=None, content_type='application/json', headers=(),
+                stream_s=None):
+        """`stream_s`: the answer is a stream; read it for that long (curl's timeout then ends it)."""
         self.count += 1
         hdr_file = os.path.join(self.workdir, 'h')
         body_file = os.path.join(self.workdir, 'b')
         for f in (hdr_file, body_file):
             if os.path.exists(f):
                 os.unlink(f)
-        argv = ['curl', '-sS', '--path-as-is', '--max-time', '90', '-D', hdr_file,
+        argv = ['curl', '-sS', '--path-as-is', '--max-time', str(stream_s or 90), '-D', hdr_file,
                 '-w', '%{http_code}', '-H', 'Expect:']
         if self.socket_path:
             argv += ['--unix-socket', self.socket_path]
@@ -370,7 +372,9 @@ class Client:
         if os.path.exists(body_file):
             with open(body_file, 'rb') as f:
                 body_out = f.read()
-        error = proc.stderr.decode(errors='replace').strip() if proc.returncode else ''
+        # curl's 28: the stream was read for stream_s seconds, as asked.
+        ended = proc.returncode == 0 or (stream_s and proc.returncode == 28)
+        error = '' if ended else proc.stderr.decode(errors='replace').strip()
         return Response(method, target, status, headers_out, body_out, error)
 
 
@@ -398,6 +402,9 @@ def check_against(contract, response_obj, r):
                 if media == 'application/problem+json' and isinstance(value, dict) \
                         and value.get('status') != r.status:
                     problems.append(f'problem status {value.get("status")} != HTTP {r.status}')
+        elif media == 'text/event-stream':
+            if not r.body.startswith(b': subscribed\n\n'):
+                problems.append(f'the stream does not start with ": subscribed": {r.body[:100]!r}')
         elif media == 'text/plain':
             charset = r.headers.get('content-type', '').lower()
             if 'charset=utf-8' not in charset.replace(' ', ''):
@@ -424,10 +431,10 @@ class Session:
         self.last_seq = 0
 
     def send(self, description, method, target, expect, body=None, content_type='application/json',
-             headers=(), check=None):
+             headers=(), check=None, stream_s=None):
         """One test point: the request answers `expect` and the answer fits the document; `check`
         (response, value) returns more problems. Returns (response, parsed JSON or None)."""
-        r = self.client.request(method, target, body, content_type, headers)
+        r = self.client.request(method, target, body, content_type, headers, stream_s)
         problems = []
         value = None
         if r.status == 0:
@@ -638,6 +645,7 @@ def run_requests(contract, s):
     s.send('pause a paused machine: nothing to do', 'POST', '/v1/machines/c1/pause', 200,
            check=machine_is('paused'))
     s.send('resume', 'POST', '/v1/machines/c1/resume', 200, check=machine_is('running'))
+    run_stream_requests(s)
     s.send('bad mode', 'POST', '/v1/machines/c1/stop', 400, {'mode': 'frob'},
            check=problem_is('InvalidArgument', 'mode'))
     s.send('timeout_s out of range', 'POST', '/v1/machines/c1/stop', 400, {'timeout_s': 86401},
@@ -697,7 +705,104 @@ def run_requests(contract, s):
         target = template.replace('{name}', 'nope')
         body = {'execute': 'query-status'} if target.endswith('/qmp') else (
             MACHINE_SPEC if method == 'PUT' else None)
+        if target.endswith('/console/wait'):
+            body = {'pattern': 'x', 'timeout_s': 0.1}
         s.send('unknown machine', method, target, 404, body, check=problem_is('NoSuchMachine'))
+
+
+def sse_messages(body):
+    """The messages of a Server-Sent Events body: (fields dict) per message, comments left out."""
+    out = []
+    for block in body.decode().split('\n\n'):
+        fields = {}
+        for line in block.split('\n'):
+            if line and not line.startswith(':'):
+                k, _, v = line.partition(': ')
+                fields[k] = v
+        if fields:
+            out.append(fields)
+    return out
+
+
+def run_stream_requests(s):
+    """The waits and the event stream, with c1 running (no console)."""
+    # The events of c1 so far: its creation and its states, in order, then the live stream.
+    def from_the_start(r, v):
+        msgs = sse_messages(r.body)
+        names = [m.get('event') for m in msgs]
+        ids = [int(m['id']) for m in msgs]
+        problems = [] if names[:1] == ['MACHINE_CREATED'] and 'STATE_CHANGED' in names else [f'names {names}']
+        if ids != sorted(ids) or len(set(ids)) != len(ids):
+            problems.append(f'ids {ids}')
+        for m in msgs:
+            event = json.loads(m['data'])
+            if event['seq'] != int(m['id']) or event['event'] != m['event'] or event['machine'] != 'c1':
+                problems.append(f'message {m} does not match its event')
+        return problems
+    s.send('events of c1 since 0', 'GET', '/v1/events?since=0&machine=c1', 200, check=from_the_start,
+           stream_s=1)
+    s.send('Last-Event-ID resumes after it', 'GET', '/v1/events?machine=c1', 200,
+           headers=['Last-Event-ID: 1'], stream_s=1,
+           check=lambda r, v: [] if [int(m['id']) for m in sse_messages(r.body)][:1]
+           and min(int(m['id']) for m in sse_messages(r.body)) > 1 else [f'{r.body[:300]!r}'])
+    match = urllib.parse.quote(json.dumps({'data': {'state': 'running'}}))
+    s.send('filtered by name and match', 'GET',
+           f'/v1/events?since=0&event=STATE_CHANGED&event=RESUME&match={match}', 200, stream_s=1,
+           check=lambda r, v: [] if sse_messages(r.body) and all(
+               json.loads(m['data'])['data']['state'] == 'running' for m in sse_messages(r.body))
+           else [f'{r.body[:300]!r}'])
+    s.send('since not a number', 'GET', '/v1/events?since=x', 400,
+           check=problem_is('InvalidArgument', 'since'))
+    s.send('match not an object', 'GET', '/v1/events?match=%5B1%5D', 400,
+           check=problem_is('InvalidArgument', 'match'))
+    s.send('bad machine name', 'GET', '/v1/events?machine=a%2Fb', 400,
+           check=problem_is('InvalidArgument', 'machine'))
+    s.send('unknown query parameter', 'GET', '/v1/events?frob=1', 400,
+           check=problem_is('InvalidArgument', 'frob'))
+    s.send('machine twice', 'GET', '/v1/events?machine=c1&machine=c2', 400,
+           check=problem_is('InvalidArgument', 'machine'))
+    s.send('bad Last-Event-ID', 'GET', '/v1/events', 400, headers=['Last-Event-ID: soon'],
+           check=problem_is('InvalidArgument', 'Last-Event-ID'))
+
+    # events/wait: what the last action caused, found in the ring; a wait that times out.
+    since = s.last_seq
+    s.send('pause to have something to wait for', 'POST', '/v1/machines/c1/pause', 200,
+           check=machine_is('paused'))
+    s.send('the STOP the pause caused', 'POST', '/v1/machines/c1/events/wait', 200,
+           {'event': 'STOP', 'since': since, 'timeout_s': 5},
+           check=lambda r, v: [] if not v['timed_out'] and v['event']['event'] == 'STOP'
+           and v['event']['machine'] == 'c1' and v['event']['qmp'] and v['event']['seq'] > since
+           else [f'{v}'])
+    s.send('a state by match', 'POST', '/v1/machines/c1/events/wait', 200,
+           {'event': 'STATE_CHANGED', 'match': {'data': {'state': 'paused'}}, 'since': since},
+           check=lambda r, v: [] if v['event']['data']['state'] == 'paused' else [f'{v}'])
+    s.send('nothing comes', 'POST', '/v1/machines/c1/events/wait', 200,
+           {'event': 'NO_SUCH_EVENT', 'timeout_s': 0.2},
+           check=lambda r, v: [] if v['timed_out'] is True and 'event' not in v else [f'{v}'])
+    s.send('resume after the wait', 'POST', '/v1/machines/c1/resume', 200, check=machine_is('running'))
+    s.send('timeout_s over an hour', 'POST', '/v1/machines/c1/events/wait', 400, {'timeout_s': 3601},
+           check=problem_is('InvalidArgument', 'timeout_s'))
+    s.send('since negative', 'POST', '/v1/machines/c1/events/wait', 400, {'since': -1},
+           check=problem_is('InvalidArgument', 'since'))
+    s.send('match not an object', 'POST', '/v1/machines/c1/events/wait', 400, {'match': 'x'},
+           check=problem_is('InvalidArgument', 'match'))
+    s.send('unknown field', 'POST', '/v1/machines/c1/events/wait', 400, {'frob': 1},
+           check=problem_is('InvalidArgument', 'frob'))
+
+    # console/wait: c1 has no console (409); c5 has one, with nothing on it under -machine none.
+    s.send('no console', 'POST', '/v1/machines/c1/console/wait', 409, {'pattern': 'x', 'timeout_s': 0.1},
+           check=problem_is('StateConflict'))
+    s.send('no pattern', 'POST', '/v1/machines/c1/console/wait', 400, {},
+           check=problem_is('InvalidArgument', 'pattern'))
+    s.send('bad regex', 'POST', '/v1/machines/c1/console/wait', 400, {'pattern': '(['},
+           check=problem_is('InvalidArgument', 'pattern'))
+    spec = dict(MACHINE_SPEC, console={'enabled': True}, shutdown={'mode': 'quit', 'timeout_s': 10})
+    s.send('create c5 with a console', 'POST', '/v1/machines', 201, {'name': 'c5', 'spec': spec})
+    s.send('start c5', 'POST', '/v1/machines/c5/start', 200, check=machine_is('running'))
+    s.send('a silent console times out', 'POST', '/v1/machines/c5/console/wait', 200,
+           {'pattern': 'login:', 'timeout_s': 0.2},
+           check=lambda r, v: [] if v == {'timed_out': True, 'offset': 0} else [f'{v}'])
+    s.send('delete c5', 'DELETE', '/v1/machines/c5?force=true', 204)
 
 
 def check_unlisted(contract, s):
