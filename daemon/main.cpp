@@ -120,13 +120,21 @@ qm::expected<void> resolve_qemu_user(const Config& config, qm::daemon::Superviso
     return {};
 }
 
+qm::rest::ApiOptions api_options(const Config& config)
+{
+    qm::rest::ApiOptions options;
+    options.daemon_version = version;
+    options.max_subscribers = config.rest_max_subscribers;
+    return options;
+}
+
 class Daemon
 {
 public:
     Daemon(qm::asio::io_context& ioc, Config config, qm::daemon::SupervisorOptions options,
            qm::daemon::NotifyEnvironment notify)
         : ioc_(ioc), config_(std::move(config)), notifier_(ioc, std::move(notify)),
-          supervisor_(ioc, std::move(options)), api_(supervisor_, qm::rest::ApiOptions{version}),
+          supervisor_(ioc, std::move(options)), api_(supervisor_, api_options(config_)),
           signals_(ioc, SIGTERM, SIGINT, SIGHUP)
     {}
 
@@ -454,6 +462,8 @@ int main(int argc, char** argv)
     options.sandbox = config.qemu_sandbox;
     options.qmp_policy = qm::daemon::qmp_policy(config);
     options.qemu_log_max = config.qemu_log_max;
+    options.events.ring_capacity = config.event_ring;
+    options.events.subscriber_queue = config.event_queue;
     if (auto user = resolve_qemu_user(config, options); !user) {
         spdlog::critical("Failed to start: {}", user.error().message);
         ::close(lock_fd);
