@@ -350,14 +350,7 @@ TEST_F(StreamTest, ConsoleWaitSeesTheGuestAndOffsetsChainWaits)
         GTEST_SKIP() << guest_image().error;
     }
     ASSERT_NO_FATAL_FAILURE(start_daemon());
-    const std::string& dir = guest_image().dir;
-    const std::string spec = fmt::format(
-        R"({{"binary": {}, "machine": "pc,accel=tcg", "memory_mib": 128,
-            "args": ["-nodefaults", "-no-user-config", "-no-reboot", "-kernel", {}, "-initrd",
-                     {}, "-append", "console=ttyS0 quiet panic=-1 qmtest.hello=stream-test"],
-            "shutdown": {{"mode": "powerdown", "timeout_s": 60}}}})",
-        json::quote(QemuProcess::binary()), json::quote(dir + "/vmlinuz"),
-        json::quote(dir + "/initramfs.cpio.gz"));
+    const std::string spec = guest_spec("qmtest.hello=stream-test");
     ASSERT_EQ(create("g", spec).status, 201);
     act("g", "start");
 

@@ -11,6 +11,9 @@
 
 #include <fmt/format.h>
 
+#include "libmachine/json.hpp"
+#include "tests/support/qemu_process.hpp"
+
 #ifndef QM_SOURCE_DIR
 #error "QM_SOURCE_DIR (the source tree, for scripts/guest-image) must be defined by the build"
 #endif
@@ -60,6 +63,25 @@ inline const GuestImage& guest_image()
         return g;
     }();
     return image;
+}
+
+// A machine spec (proto/machine.schema.json) that boots the test guest under TCG with its serial
+// console, `append` added to the kernel's command line (qmtest.hello=WORD, ...), stopped by the
+// power button within `timeout_s`.
+inline std::string guest_spec(const std::string& append = {}, int timeout_s = 60)
+{
+    const std::string& dir = guest_image().dir;
+    std::string cmdline = "console=ttyS0 quiet panic=-1";
+    if (!append.empty()) {
+        cmdline += " " + append;
+    }
+    return fmt::format(
+        R"({{"binary": {}, "machine": "pc,accel=tcg", "memory_mib": 128,
+            "args": ["-nodefaults", "-no-user-config", "-no-reboot", "-kernel", {}, "-initrd",
+                     {}, "-append", {}],
+            "shutdown": {{"mode": "powerdown", "timeout_s": {}}}}})",
+        json::quote(QemuProcess::binary()), json::quote(dir + "/vmlinuz"),
+        json::quote(dir + "/initramfs.cpio.gz"), json::quote(cmdline), timeout_s);
 }
 
 } // namespace qm::test
