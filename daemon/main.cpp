@@ -22,6 +22,7 @@
 #include <spdlog/spdlog.h>
 
 #include "daemon/config.hpp"
+#include "daemon/dbus/service.hpp"
 #include "daemon/notify.hpp"
 #include "daemon/qemu_version.hpp"
 #include "daemon/rest/api.hpp"
@@ -136,7 +137,9 @@ public:
         : ioc_(ioc), config_(std::move(config)), notifier_(ioc, std::move(notify)),
           supervisor_(ioc, std::move(options)), api_(supervisor_, api_options(config_)),
           signals_(ioc, SIGTERM, SIGINT, SIGHUP)
-    {}
+    {
+        open_bus();
+    }
 
     int run()
     {
@@ -182,6 +185,32 @@ public:
     }
 
 private:
+    // The D-Bus front end, its objects registered at once; its name is asked for once the
+    // daemon is ready. No reachable bus is logged and REST goes on.
+    void open_bus()
+    {
+        std::string which = config_.bus;
+        if (which.empty()) {
+            which = ::geteuid() == 0 ? "system" : "user";
+        }
+        if (which == "none") {
+            spdlog::info("D-Bus: not served (bus none)");
+            return;
+        }
+        const auto address = qm::dbus::BusAddress::parse(which);
+        auto bus = qm::dbus::Bus::open(ioc_, address);
+        if (!bus) {
+            spdlog::warn("D-Bus: not served: {}", bus.error().message);
+            return;
+        }
+        qm::dbus::ServiceOptions options;
+        if (const group* g = ::getgrnam("qmachined"); g != nullptr) {
+            options.admin_group = g->gr_gid;
+        }
+        dbus_.emplace(ioc_, supervisor_, std::move(*bus), options);
+        spdlog::info("D-Bus: connected to {}", address.describe());
+    }
+
     void ready()
     {
         if (stopping_) {
@@ -197,6 +226,9 @@ private:
             supervisor_.detach_all(); // what runs keeps running for the next start
             ioc_.stop();
             return;
+        }
+        if (dbus_) {
+            dbus_->start();
         }
         supervisor_.autostart();
         probe_qemu();
@@ -360,6 +392,7 @@ private:
         if (server_) {
             server_->close();
         }
+        dbus_.reset();
         done_ = true;
         signals_.cancel();
         finish_deadline_ = std::chrono::steady_clock::now() + std::chrono::seconds(1);
@@ -409,6 +442,7 @@ private:
     qm::daemon::Supervisor supervisor_;
     qm::rest::Api api_;
     std::optional<qm::rest::Server> server_;
+    std::optional<qm::dbus::Service> dbus_;
     qm::asio::signal_set signals_;
     qm::asio::steady_timer finish_timer_{ioc_};
     std::chrono::steady_clock::time_point finish_deadline_{};
