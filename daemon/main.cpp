@@ -22,6 +22,7 @@
 #include <spdlog/spdlog.h>
 
 #include "daemon/config.hpp"
+#include "daemon/metrics.hpp"
 #include "daemon/notify.hpp"
 #include "daemon/qemu_version.hpp"
 #include "daemon/rest/api.hpp"
@@ -128,7 +129,9 @@ public:
         : ioc_(ioc), config_(std::move(config)), notifier_(ioc, std::move(notify)),
           supervisor_(ioc, std::move(options)), api_(supervisor_, qm::rest::ApiOptions{version}),
           signals_(ioc, SIGTERM, SIGINT, SIGHUP)
-    {}
+    {
+        qm::daemon::register_process_metrics(supervisor_.metrics(), version);
+    }
 
     int run()
     {
@@ -264,7 +267,9 @@ private:
                              "controls every machine, over plain HTTP", address.to_string());
             }
         }
-        server_.emplace(ioc_, api_, std::move(options));
+        // The server counts its requests and connections in the supervisor's registry, which
+        // GET /metrics renders.
+        server_.emplace(ioc_, api_, std::move(options), supervisor_.metrics());
         return server_->listen();
     }
 
