@@ -23,6 +23,7 @@
 
 #include "daemon/config.hpp"
 #include "daemon/dbus/service.hpp"
+#include "daemon/metrics.hpp"
 #include "daemon/notify.hpp"
 #include "daemon/qemu_version.hpp"
 #include "daemon/rest/api.hpp"
@@ -139,6 +140,7 @@ public:
           signals_(ioc, SIGTERM, SIGINT, SIGHUP)
     {
         open_bus();
+        qm::daemon::register_process_metrics(supervisor_.metrics(), version);
     }
 
     int run()
@@ -304,7 +306,9 @@ private:
                              "controls every machine, over plain HTTP", address.to_string());
             }
         }
-        server_.emplace(ioc_, api_, std::move(options));
+        // The server counts its requests and connections in the supervisor's registry, which
+        // GET /metrics renders.
+        server_.emplace(ioc_, api_, std::move(options), supervisor_.metrics());
         return server_->listen();
     }
 

@@ -34,6 +34,8 @@ constexpr std::string_view text_media_type = "text/plain; charset=utf-8";
 // The waits (events, console): at most an hour, 30 s unless the request says otherwise.
 constexpr double max_wait_s = 3600;
 constexpr std::chrono::milliseconds default_wait = std::chrono::seconds(30);
+// The Prometheus text exposition format, version 0.0.4 (what a scraper asks for in Accept).
+constexpr std::string_view metrics_media_type = "text/plain; version=0.0.4; charset=utf-8";
 
 Response json_response(int status, std::string body)
 {
@@ -210,6 +212,7 @@ std::string_view audited_op(Route route)
         return "qmp";
     case Route::version:
     case Route::health:
+    case Route::metrics:
     case Route::machines_list:
     case Route::machine_get:
     case Route::log:
@@ -356,6 +359,9 @@ awaitable<Response> Api::dispatch(RouteMatch m, Request req)
     case Route::health:
         r = health();
         break;
+    case Route::metrics:
+        r = metrics();
+        break;
     case Route::machines_list:
         r = list();
         break;
@@ -434,6 +440,16 @@ Response Api::health() const
     }
     d.AddMember("states", states, a);
     return json_response(200, json::to_string(d));
+}
+
+Response Api::metrics()
+{
+    // Served while shutting down too: a last scrape sees the machines being stopped.
+    Response r;
+    r.status = 200;
+    r.content_type = metrics_media_type;
+    r.body = supervisor_.metrics().render();
+    return r;
 }
 
 Response Api::list() const

@@ -98,6 +98,8 @@ public:
 private:
     Response version() const;
     Response health() const;
+    // The registry's text (it runs the collectors, hence not const).
+    Response metrics();
     Response list() const;
     Response get(const std::string& name) const;
     Response log(const std::string& name, const Query& query, bool console) const;
