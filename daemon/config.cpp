@@ -167,12 +167,12 @@ expected<std::string> absolute_from_flag(std::string_view flag, const std::strin
 }
 
 // The settings beyond the directories and the log level: same key in the file and as a flag.
-constexpr std::array<std::string_view, 17> other_settings{
+constexpr std::array<std::string_view, 19> other_settings{
     "rest-socket",          "rest-listen",     "rest-allow-remote", "rest-token-file",
     "rest-max-connections", "rest-max-body",   "rest-request-timeout",
     "rest-max-subscribers", "shutdown-policy", "qemu-user",         "qemu-sandbox",
     "qemu-log-max",         "qmp-allow",       "qmp-deny",          "event-ring",
-    "event-queue",          "bus",
+    "event-queue",          "bus",             "max-machines",      "qmp-timeout",
 };
 
 bool is_other_setting(std::string_view key)
@@ -270,6 +270,18 @@ expected<void> apply_setting(Config& c, std::string_view key, const std::string&
             return fail(std::move(n).error());
         }
         c.rest_max_connections = *n;
+    } else if (key == "max-machines") {
+        auto n = parse_count(key, value, 1, 1000000);
+        if (!n) {
+            return fail(std::move(n).error());
+        }
+        c.max_machines = *n;
+    } else if (key == "qmp-timeout") {
+        auto n = parse_count(key, value, 1, 3600);
+        if (!n) {
+            return fail(std::move(n).error());
+        }
+        c.qmp_timeout = std::chrono::seconds(*n);
     } else if (key == "bus") {
         if (value.empty()) {
             return fail(errc::invalid_argument,
@@ -850,6 +862,10 @@ Options (each as "--option value" or "--option=value"; the last one given wins):
   --bus BUS            the D-Bus to serve org.qmachined1 on: system, user, none or an address
                          (unix:path=...)
                          default: system as root, user otherwise
+  --max-machines N     machines that may exist at most (default 4096)
+  --qmp-timeout SECONDS
+                       the deadline of a QMP passthrough command that names none (default 10);
+                         one that overruns it makes qmachined probe the monitor
   --event-ring N       recent events kept for resuming streams and waits (default 4096)
   --event-queue N      events a stream's reader may be behind before it is told it lagged
                          (default 1024)

@@ -59,6 +59,8 @@ struct Config
     std::vector<std::string> qmp_allow;    // lifted from the QMP policy's default deny set
     std::vector<std::string> qmp_deny;     // denied besides it
     std::uint64_t qemu_log_max = 1048576;  // bytes of each machine's QEMU output log; 0: unbounded
+    std::size_t max_machines = 4096;       // machines that may exist
+    std::chrono::milliseconds qmp_timeout{10000}; // a QMP passthrough command's default deadline
 };
 
 // The QMP passthrough policy of qmp-allow and qmp-deny.

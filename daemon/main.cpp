@@ -500,6 +500,8 @@ int main(int argc, char** argv)
     options.sandbox = config.qemu_sandbox;
     options.qmp_policy = qm::daemon::qmp_policy(config);
     options.qemu_log_max = config.qemu_log_max;
+    options.max_machines = config.max_machines;
+    options.qmp_timeout = config.qmp_timeout;
     options.events.ring_capacity = config.event_ring;
     options.events.subscriber_queue = config.event_queue;
     if (auto user = resolve_qemu_user(config, options); !user) {

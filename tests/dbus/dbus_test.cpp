@@ -5,6 +5,8 @@
 // name a client can meet, and a caller without rights refused with nothing changed.
 #include <systemd/sd-bus.h>
 
+#include <signal.h>
+
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -452,6 +454,57 @@ TEST_F(DbusLifecycleTest, ACallerWithoutRightsIsDeniedAndNothingChanges)
     EXPECT_TRUE(qemus().empty());
     // Refused before any operation: no operation's audit line.
     EXPECT_FALSE(daemon().says("op=create machine=n"));
+}
+
+// The error names of limits, a hung monitor and a daemon that is stopping.
+TEST_F(DbusLifecycleTest, LimitExceededUnresponsiveAndShuttingDown)
+{
+    ASSERT_NO_FATAL_FAILURE(start_bus_daemon({"--max-machines", "2", "--qmp-timeout", "1"}));
+    auto expect_error = [&](const std::string& object, const std::string& method,
+                            std::vector<std::string> args, const std::string& name) {
+        CommandResult r = dbus_send(object, method, std::move(args));
+        EXPECT_NE(r.err.find("Error " + name + ":"), std::string::npos)
+            << method << " wanted " << name << ", got: " << r.err << r.out;
+    };
+    const std::string path = create_quick("h");
+    // A stop that takes a while: -machine none has no ACPI, the power button is ignored for 3 s.
+    const std::string slow_spec = fmt::format(
+        R"({{"binary": {}, "machine": "none", "shutdown": {{"mode": "powerdown", "timeout_s": 3}}}})",
+        json::quote(QemuProcess::binary()));
+    ASSERT_EQ(busctl({"call", "org.qmachined1", manager, manager_iface, "CreateMachine", "ss",
+                      "slow", slow_spec})
+                  .status,
+              0);
+    expect_error(manager, "org.qmachined1.Manager.CreateMachine", {"string:third", "string:"},
+                 "org.qmachined1.Error.LimitExceeded");
+
+    // A monitor that stops answering (QEMU stopped with SIGSTOP): the command times out, the
+    // probe finds the monitor dead, and QMP is refused until it answers again.
+    sd_bus_message_unref(call(path, machine_iface, "Start"));
+    std::uint32_t pid = 0;
+    sd_bus_error error = SD_BUS_ERROR_NULL;
+    ASSERT_GE(sd_bus_get_property_trivial(client(), "org.qmachined1", path.c_str(), machine_iface,
+                                          "Pid", &error, 'u', &pid),
+              0);
+    ASSERT_GT(pid, 0U);
+    ASSERT_EQ(::kill(static_cast<pid_t>(pid), SIGSTOP), 0);
+    expect_error(path, "org.qmachined1.Machine.Execute", {"string:query-status", "string:"},
+                 "org.qmachined1.Error.Timeout");
+    EXPECT_TRUE(eventually([&] { return string_property(path, "State") == "unresponsive"; }, 20s));
+    expect_error(path, "org.qmachined1.Machine.Execute", {"string:query-status", "string:"},
+                 "org.qmachined1.Error.Unresponsive");
+    ASSERT_EQ(::kill(static_cast<pid_t>(pid), SIGCONT), 0);
+    EXPECT_TRUE(eventually([&] { return string_property(path, "State") == "running"; }, 20s));
+
+    // SIGTERM with stop-machines: while "slow" takes its 3 s, new operations are refused.
+    sd_bus_message_unref(call(manager, manager_iface, "StartMachine", "s", "slow"));
+    daemon().signal(SIGTERM);
+    ASSERT_TRUE(eventually([&] { return daemon().says("stopping every machine"); }, 10s));
+    expect_error(manager, "org.qmachined1.Manager.StartMachine", {"string:h"},
+                 "org.qmachined1.Error.ShuttingDown");
+    EXPECT_EQ(daemon().wait_exit(30s), 0) << daemon().output();
+    expect_daemon_gone();
+    sd_bus_error_free(&error);
 }
 
 // The installed bus policy (systemd/org.qmachined1.conf) is the first fence: another user may
