@@ -16,19 +16,6 @@ namespace {
 
 using BodyWriter = Service::BodyWriter;
 
-const char* to_string(Action a) noexcept
-{
-    switch (a) {
-    case Action::start: return "start";
-    case Action::stop: return "stop";
-    case Action::kill: return "kill";
-    case Action::pause: return "pause";
-    case Action::resume: return "resume";
-    case Action::restart: return "restart";
-    }
-    return "?";
-}
-
 void audit(const std::string& caller, std::string_view op, std::string_view machine,
            const Error* error)
 {
@@ -68,6 +55,19 @@ BodyWriter string_body(std::string text)
 }
 
 } // namespace
+
+const char* to_string(Action a) noexcept
+{
+    switch (a) {
+    case Action::start: return "start";
+    case Action::stop: return "stop";
+    case Action::kill: return "kill";
+    case Action::pause: return "pause";
+    case Action::resume: return "resume";
+    case Action::restart: return "restart";
+    }
+    return "?";
+}
 
 expected<daemon::StopOptions> stop_options(std::string_view mode, std::uint64_t timeout_usec)
 {

@@ -15,6 +15,8 @@
 namespace qm::dbus {
 
 enum class Action { start, stop, kill, pause, resume, restart };
+// The operation's name in audit lines ("start", ...).
+const char* to_string(Action a) noexcept;
 
 // Stop's arguments: mode "" (the spec's), "powerdown" or "quit"; timeout 0 (the spec's) or up to
 // a day. errc::invalid_argument otherwise.

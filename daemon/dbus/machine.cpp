@@ -105,11 +105,11 @@ template <Action action>
 int method_action(sd_bus_message* m, void* userdata, sd_bus_error* error)
 {
     Service& s = service_of(userdata);
-    if (int r = s.authorize(m, error); r < 0) {
+    const std::string name = name_of(sd_bus_message_get_path(m));
+    if (int r = s.authorize(m, error, to_string(action), name); r < 0) {
         return r;
     }
-    return s.reply_later(m, action_call(&s, s.caller(m), name_of(sd_bus_message_get_path(m)),
-                                        action, {}));
+    return s.reply_later(m, action_call(&s, s.caller(m), name, action, {}));
 }
 
 int method_stop(sd_bus_message* m, void* userdata, sd_bus_error* error)
@@ -121,7 +121,7 @@ int method_stop(sd_bus_message* m, void* userdata, sd_bus_error* error)
     if (r < 0) {
         return r;
     }
-    if (r = s.authorize(m, error); r < 0) {
+    if (r = s.authorize(m, error, "stop", name_of(sd_bus_message_get_path(m))); r < 0) {
         return r;
     }
     auto options = stop_options(mode, timeout_usec);
@@ -141,7 +141,9 @@ int method_execute(sd_bus_message* m, void* userdata, sd_bus_error* error)
     if (r < 0) {
         return r;
     }
-    if (r = s.authorize(m, error); r < 0) {
+    if (r = s.authorize(m, error, std::string("qmp:") + command,
+                        name_of(sd_bus_message_get_path(m)));
+        r < 0) {
         return r;
     }
     return s.reply_later(m, execute_call(&s, s.caller(m), name_of(sd_bus_message_get_path(m)),

@@ -75,7 +75,7 @@ int method_create(sd_bus_message* m, void* userdata, sd_bus_error* error)
     if (r < 0) {
         return r;
     }
-    if (r = s.authorize(m, error); r < 0) {
+    if (r = s.authorize(m, error, "create", name); r < 0) {
         return r;
     }
     return s.reply_later(m, create_call(&s, s.caller(m), name, spec));
@@ -91,7 +91,7 @@ int method_action(sd_bus_message* m, void* userdata, sd_bus_error* error)
     if (r < 0) {
         return r;
     }
-    if (r = s.authorize(m, error); r < 0) {
+    if (r = s.authorize(m, error, to_string(action), name); r < 0) {
         return r;
     }
     return s.reply_later(m, action_call(&s, s.caller(m), name, action, {}));
@@ -107,7 +107,7 @@ int method_stop(sd_bus_message* m, void* userdata, sd_bus_error* error)
     if (r < 0) {
         return r;
     }
-    if (r = s.authorize(m, error); r < 0) {
+    if (r = s.authorize(m, error, "stop", name); r < 0) {
         return r;
     }
     auto options = stop_options(mode, timeout_usec);
@@ -126,7 +126,7 @@ int method_delete(sd_bus_message* m, void* userdata, sd_bus_error* error)
     if (r < 0) {
         return r;
     }
-    if (r = s.authorize(m, error); r < 0) {
+    if (r = s.authorize(m, error, "delete", name); r < 0) {
         return r;
     }
     return s.reply_later(m, delete_call(&s, s.caller(m), name, force != 0));

@@ -138,7 +138,8 @@ int Service::set_error(const Error& e, sd_bus_error* error)
     return sd_bus_error_set(error, name.c_str(), message.c_str());
 }
 
-int Service::authorize(sd_bus_message* m, sd_bus_error* error)
+int Service::authorize(sd_bus_message* m, sd_bus_error* error, std::string_view op,
+                       std::string_view machine)
 {
     const char* sender = sd_bus_message_get_sender(m);
     const std::string key = sender != nullptr ? sender : "";
@@ -186,6 +187,9 @@ int Service::authorize(sd_bus_message* m, sd_bus_error* error)
         it = peers_.insert_or_assign(key, std::move(peer)).first;
     }
     if (!it->second.allowed) {
+        if (!op.empty()) {
+            daemon::audit(daemon::Caller{it->second.who}, op, machine, "AccessDenied");
+        }
         return sd_bus_error_set(error, "org.qmachined1.Error.AccessDenied",
                                 "only root, qmachined's user and the qmachined group may do this");
     }

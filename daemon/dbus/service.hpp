@@ -69,7 +69,9 @@ public:
     // Whether the sender of `m` may change things or read what is not public (root, the daemon's
     // uid, the admin group); else sets org.qmachined1.Error.AccessDenied in `error` and returns
     // false (a negative errno when its credentials cannot be read).
-    int authorize(sd_bus_message* m, sd_bus_error* error);
+    // A refused mutating call (`op` names it, as the audit line does) is audited too.
+    int authorize(sd_bus_message* m, sd_bus_error* error, std::string_view op = {},
+                  std::string_view machine = {});
     // Who sent `m`, for audit lines: "dbus=:1.42 uid=1000 pid=4242" (known once authorize() ran).
     std::string caller(sd_bus_message* m) const;
     // Replies to `m` once `work` completes: its value is the reply's body writer (nullptr for an

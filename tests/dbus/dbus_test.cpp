@@ -452,8 +452,14 @@ TEST_F(DbusLifecycleTest, ACallerWithoutRightsIsDeniedAndNothingChanges)
     EXPECT_EQ(busctl({"call", "org.qmachined1", manager, manager_iface, "ListMachines"}).out,
               "a(sso) 1 \"r\" \"defined\" \"/org/qmachined1/machine/r\"\n");
     EXPECT_TRUE(qemus().empty());
-    // Refused before any operation: no operation's audit line.
-    EXPECT_FALSE(daemon().says("op=create machine=n"));
+    // Each refused mutating call has its audit line, naming the caller.
+    for (const char* line :
+         {"op=create machine=n result=AccessDenied caller=\"dbus=",
+          "op=start machine=r result=AccessDenied", "op=delete machine=r result=AccessDenied",
+          "op=qmp:query-status machine=r result=AccessDenied"}) {
+        EXPECT_TRUE(daemon().says(line)) << line << "\n" << daemon().output();
+    }
+    EXPECT_TRUE(daemon().says(fmt::format("uid={} ", nobody))) << daemon().output();
 }
 
 // The error names of limits, a hung monitor and a daemon that is stopping.
