@@ -31,6 +31,7 @@ enum class Route {
     restart,
     qmp,
     log,
+    console,
     console_log,
     console_wait,
     events_wait,

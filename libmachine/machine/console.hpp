@@ -183,6 +183,8 @@ public:
     bool is_connected() const noexcept { return state_ == State::connected; }
     // Closed for good (by close(), or the connection ended): a new connection needs a new Console.
     bool is_closed() const noexcept { return state_ == State::closed; }
+    // Why it closed ("the machine is stopping", "QEMU exited", ...); empty while it is not.
+    const std::string& why_closed() const noexcept { return why_closed_; }
     // Reads what the socket already holds, without waiting (at most 1 MiB): the last words of a
     // peer that has gone, before close().
     void drain();

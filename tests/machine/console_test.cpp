@@ -556,6 +556,7 @@ TEST_F(ConsoleTest, AReaderGetsWhatIsLeftThenTheEndWithItsReason)
     EXPECT_TRUE(end.error().is(errc::invalid_state)) << describe(end.error());
     EXPECT_NE(end.error().message.find("the machine is stopping"), std::string::npos)
         << end.error().message;
+    EXPECT_EQ(console_->why_closed(), "the machine is stopping");
     // A waiting reader is woken by the end of the connection, as waits are; a reader of a
     // closed console gets the ring first.
     auto late = console_->follow(1024);

@@ -1019,7 +1019,7 @@ TEST_F(RestTest, UnknownRoutesMethodsAndQueryParameters)
     const Snapshot before = snapshot();
     for (const char* target :
          {"/", "/v1", "/v1/", "/v2/machines", "/v1/machine", "/v1/machines/vm/frob",
-          "/v1/machines/vm/console", "/v1/machines/vm/start/now", "/v1/version/x", "/V1/health",
+          "/v1/machines/vm/consoles", "/v1/machines/vm/start/now", "/v1/version/x", "/V1/health",
           "/v1/machines/vm/log/x", "/v1//machines"}) {
         SCOPED_TRACE(target);
         expect_problem(call("GET", target), 404, "NotFound");
@@ -1042,6 +1042,7 @@ TEST_F(RestTest, UnknownRoutesMethodsAndQueryParameters)
              {"DELETE", "/v1/health", "GET"},
              {"GET", "/v1/machines/vm/spec", "PUT"},
              {"POST", "/v1/machines/vm/log", "GET"},
+             {"POST", "/v1/machines/vm/console", "GET"},
              {"OPTIONS", "/v1/machines", "GET, POST"},
              {"FROB", "/v1/health", "GET"},
          }) {
