@@ -121,6 +121,8 @@ awaitable<void> console_input(WebSocket& ws, std::shared_ptr<daemon::ConsoleSess
             // Anything else: the connection broke, or Beast failed it (1009, 1007, the idle
             // timeout) and closed it itself.
             shared->client_gone = true;
+            // Its place is free at once: the client may already be connecting again to write.
+            session->release_writer();
             spdlog::debug("REST console of '{}': the client's side ended: {}", session->machine(),
                           ec.message());
             break;
