@@ -31,18 +31,6 @@ namespace {
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 
-std::string guest_spec()
-{
-    const std::string& dir = guest_image().dir;
-    return fmt::format(
-        R"({{"binary": {}, "machine": "pc,accel=tcg", "memory_mib": 128,
-            "args": ["-nodefaults", "-no-user-config", "-no-reboot", "-kernel", {}, "-initrd",
-                     {}, "-append", "console=ttyS0 quiet panic=-1"],
-            "shutdown": {{"mode": "powerdown", "timeout_s": 60}}}})",
-        json::quote(QemuProcess::binary()), json::quote(dir + "/vmlinuz"),
-        json::quote(dir + "/initramfs.cpio.gz"));
-}
-
 // A client of a console socket QEMU serves, for the moments the daemon is not connected to it.
 class ConsoleClient
 {

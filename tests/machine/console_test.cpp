@@ -42,28 +42,18 @@ std::string read_file(const fs::path& path)
     return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
 }
 
-// A wait() running on the loop while the test feeds the socket.
-struct PendingWait
+// An operation (a wait(), a reader's next()) running on the loop while the test feeds the socket.
+template <typename T>
+struct Pending
 {
     bool done = false;
-    std::optional<expected<ConsoleMatch>> result;
+    std::optional<expected<T>> result;
 };
 
-awaitable<void> store_wait(awaitable<expected<ConsoleMatch>> wait, std::shared_ptr<PendingWait> p)
+template <typename T>
+awaitable<void> store(awaitable<expected<T>> op, std::shared_ptr<Pending<T>> p)
 {
-    p->result.emplace(co_await std::move(wait));
-}
-
-// A ConsoleReader::next() running on the loop while the test feeds the socket.
-struct PendingRead
-{
-    bool done = false;
-    std::optional<expected<ConsoleChunk>> result;
-};
-
-awaitable<void> store_read(awaitable<expected<ConsoleChunk>> read, std::shared_ptr<PendingRead> p)
-{
-    p->result.emplace(co_await std::move(read));
+    p->result.emplace(co_await std::move(op));
 }
 
 class ConsoleTest : public testing::Test
@@ -119,56 +109,41 @@ protected:
         ASSERT_EQ(console_->offset(), target);
     }
 
-    std::shared_ptr<PendingWait>
+    // Starts `op` and runs the loop until it waits (or completed at once).
+    template <typename T>
+    std::shared_ptr<Pending<T>> spawn(awaitable<expected<T>> op)
+    {
+        auto p = std::make_shared<Pending<T>>();
+        asio::co_spawn(ioc_, store(std::move(op), p), [p](const std::exception_ptr& e) {
+            p->done = true;
+            if (e) {
+                ADD_FAILURE() << "the console operation threw";
+            }
+        });
+        ioc_.restart();
+        ioc_.poll();
+        return p;
+    }
+
+    std::shared_ptr<Pending<ConsoleMatch>>
     start_wait(ConsolePattern pattern, std::chrono::milliseconds timeout, std::uint64_t from = 0)
     {
-        auto p = std::make_shared<PendingWait>();
-        asio::co_spawn(ioc_, store_wait(console_->wait(std::move(pattern), timeout, from), p),
-                       [p](const std::exception_ptr& e) {
-                           p->done = true;
-                           if (e) {
-                               ADD_FAILURE() << "wait() threw";
-                           }
-                       });
-        ioc_.restart();
-        ioc_.poll(); // it searches the ring and starts waiting
-        return p;
+        return spawn(console_->wait(std::move(pattern), timeout, from));
     }
 
-    expected<ConsoleMatch> finish(const std::shared_ptr<PendingWait>& p,
-                                  std::chrono::milliseconds deadline = 10s)
+    std::shared_ptr<Pending<ConsoleChunk>> start_read(const std::shared_ptr<ConsoleReader>& reader,
+                                                      std::size_t max = 0,
+                                                      std::chrono::milliseconds timeout = 60s)
+    {
+        return spawn(reader->next(max, timeout));
+    }
+
+    template <typename T>
+    expected<T> finish(const std::shared_ptr<Pending<T>>& p, std::chrono::milliseconds deadline = 10s)
     {
         if (!run_until(
                 ioc_, [&] { return p->done; }, deadline)) {
-            ADD_FAILURE() << "wait() did not finish";
-            return fail(errc::timeout, "test deadline");
-        }
-        return std::move(*p->result);
-    }
-
-    std::shared_ptr<PendingRead> start_read(const std::shared_ptr<ConsoleReader>& reader,
-                                            std::size_t max = 0,
-                                            std::chrono::milliseconds timeout = 60s)
-    {
-        auto p = std::make_shared<PendingRead>();
-        asio::co_spawn(ioc_, store_read(reader->next(max, timeout), p),
-                       [p](const std::exception_ptr& e) {
-                           p->done = true;
-                           if (e) {
-                               ADD_FAILURE() << "next() threw";
-                           }
-                       });
-        ioc_.restart();
-        ioc_.poll(); // it finds nothing waiting and starts waiting (or completes at once)
-        return p;
-    }
-
-    expected<ConsoleChunk> finish_read(const std::shared_ptr<PendingRead>& p,
-                                       std::chrono::milliseconds deadline = 10s)
-    {
-        if (!run_until(
-                ioc_, [&] { return p->done; }, deadline)) {
-            ADD_FAILURE() << "next() did not finish";
+            ADD_FAILURE() << "the console operation did not finish";
             return fail(errc::timeout, "test deadline");
         }
         return std::move(*p->result);
@@ -433,19 +408,19 @@ TEST_F(ConsoleTest, ReadersGetTheRecentOutputFirstThenEveryByteInOrder)
     auto b = console_->follow(4); // a smaller bound: only the newest 4 bytes of the ring
     EXPECT_EQ(console_->reader_count(), 2U);
     EXPECT_EQ(a->offset(), 4U);
-    auto first = finish_read(start_read(a));
+    auto first = finish(start_read(a));
     ASSERT_TRUE(first) << describe(first.error());
     EXPECT_EQ(first->bytes, "456789abcdefghij");
     EXPECT_EQ(first->offset, 4U);
     EXPECT_EQ(first->lost, 0U);
-    auto newest = finish_read(start_read(b));
+    auto newest = finish(start_read(b));
     ASSERT_TRUE(newest) << describe(newest.error());
     EXPECT_EQ(newest->bytes, "ghij");
     EXPECT_EQ(newest->offset, 16U);
     EXPECT_EQ(newest->lost, 0U) << "the history's start is not a loss";
     b->cancel();
     auto c = console_->follow(1024);
-    ASSERT_TRUE(finish_read(start_read(c))); // its history
+    ASSERT_TRUE(finish(start_read(c))); // its history
 
     // Then every byte, split at every position, to both readers; `max` bounds a chunk.
     const std::string text = "qmtest: hello\r\nqmtest: ready\r\n";
@@ -460,12 +435,12 @@ TEST_F(ConsoleTest, ReadersGetTheRecentOutputFirstThenEveryByteInOrder)
         if (split < text.size()) {
             feed(text.substr(split));
         }
-        auto got = finish_read(pending);
+        auto got = finish(pending);
         ASSERT_TRUE(got) << describe(got.error());
         EXPECT_EQ(got->offset, from);
         std::string all = got->bytes;
         while (all.size() < text.size()) {
-            auto more = finish_read(start_read(a));
+            auto more = finish(start_read(a));
             ASSERT_TRUE(more) << describe(more.error());
             EXPECT_EQ(more->offset, from + all.size());
             all += more->bytes;
@@ -473,7 +448,7 @@ TEST_F(ConsoleTest, ReadersGetTheRecentOutputFirstThenEveryByteInOrder)
         EXPECT_EQ(all, text);
         std::string small;
         while (small.size() < text.size()) {
-            auto piece = finish_read(start_read(c, 5));
+            auto piece = finish(start_read(c, 5));
             ASSERT_TRUE(piece) << describe(piece.error());
             ASSERT_LE(piece->bytes.size(), 5U);
             EXPECT_EQ(piece->lost, 0U);
@@ -494,7 +469,7 @@ TEST_F(ConsoleTest, ANextWithNothingNewTimesOutAndOnlyOneMayWait)
     ASSERT_FALSE(second);
     EXPECT_TRUE(second.error().is(errc::invalid_state)) << describe(second.error());
     feed("x");
-    auto got = finish_read(pending);
+    auto got = finish(pending);
     ASSERT_TRUE(got) << describe(got.error());
     EXPECT_EQ(got->bytes, "x");
     const auto t0 = std::chrono::steady_clock::now();
@@ -517,13 +492,13 @@ TEST_F(ConsoleTest, ASlowReaderLosesTheOldestBytesIsToldHowManyAndStaysBounded)
         all += line;
         // The bound holds whenever the reader falls behind: the limit, its slack, one read.
         ASSERT_LE(slow->pending(), 100U + 25U + 4096U);
-        auto f = finish_read(start_read(fast));
+        auto f = finish(start_read(fast));
         ASSERT_TRUE(f) << describe(f.error());
         EXPECT_EQ(f->lost, 0U) << "a reader that keeps up loses nothing";
         fast_got += f->bytes;
     }
     EXPECT_EQ(fast_got, all);
-    auto got = finish_read(start_read(slow));
+    auto got = finish(start_read(slow));
     ASSERT_TRUE(got) << describe(got.error());
     EXPECT_GT(got->lost, 0U);
     EXPECT_GE(got->bytes.size(), 100U);
@@ -532,7 +507,7 @@ TEST_F(ConsoleTest, ASlowReaderLosesTheOldestBytesIsToldHowManyAndStaysBounded)
     EXPECT_EQ(got->bytes, all.substr(got->lost));
     // Told once: the next chunk starts where this one ended.
     feed("more");
-    auto after = finish_read(start_read(slow));
+    auto after = finish(start_read(slow));
     ASSERT_TRUE(after) << describe(after.error());
     EXPECT_EQ(after->lost, 0U);
     EXPECT_EQ(after->bytes, "more");
@@ -545,13 +520,13 @@ TEST_F(ConsoleTest, AReaderGetsWhatIsLeftThenTheEndWithItsReason)
     auto pending = start_read(r, 3);
     feed("last words");
     console_->close("the machine is stopping");
-    auto first = finish_read(pending);
+    auto first = finish(pending);
     ASSERT_TRUE(first) << describe(first.error());
     EXPECT_EQ(first->bytes, "las");
-    auto rest = finish_read(start_read(r));
+    auto rest = finish(start_read(r));
     ASSERT_TRUE(rest) << describe(rest.error());
     EXPECT_EQ(rest->bytes, "t words");
-    auto end = finish_read(start_read(r));
+    auto end = finish(start_read(r));
     ASSERT_FALSE(end);
     EXPECT_TRUE(end.error().is(errc::invalid_state)) << describe(end.error());
     EXPECT_NE(end.error().message.find("the machine is stopping"), std::string::npos)
@@ -560,7 +535,7 @@ TEST_F(ConsoleTest, AReaderGetsWhatIsLeftThenTheEndWithItsReason)
     // A waiting reader is woken by the end of the connection, as waits are; a reader of a
     // closed console gets the ring first.
     auto late = console_->follow(1024);
-    auto ring = finish_read(start_read(late));
+    auto ring = finish(start_read(late));
     ASSERT_TRUE(ring) << describe(ring.error());
     EXPECT_EQ(ring->bytes, "last words");
     EXPECT_FALSE(run_co(ioc_, late->next(0, 60s), 5s));
@@ -572,7 +547,7 @@ TEST_F(ConsoleTest, TheEndOfTheConnectionWakesAWaitingReader)
     auto r = console_->follow(1024);
     auto pending = start_read(r);
     ::shutdown(peer_, SHUT_RDWR);
-    auto end = finish_read(pending, 5s);
+    auto end = finish(pending, 5s);
     ASSERT_FALSE(end);
     EXPECT_TRUE(end.error().is(errc::invalid_state)) << describe(end.error());
     EXPECT_NE(end.error().message.find("QEMU closed it"), std::string::npos) << end.error().message;
@@ -585,7 +560,7 @@ TEST_F(ConsoleTest, CancelEndsAPendingNextAndStopsBuffering)
     auto keeps = console_->follow(1024);
     auto pending = start_read(r);
     r->cancel();
-    auto end = finish_read(pending, 5s);
+    auto end = finish(pending, 5s);
     ASSERT_FALSE(end);
     EXPECT_TRUE(end.error().is(errc::invalid_state)) << describe(end.error());
     EXPECT_TRUE(r->cancelled());
@@ -609,7 +584,7 @@ TEST_F(ConsoleTest, RingSizeZeroStillFeedsReadersLive)
     auto pending = start_read(r);
     EXPECT_FALSE(pending->done) << "no history without a ring";
     feed("live\n");
-    auto got = finish_read(pending);
+    auto got = finish(pending);
     ASSERT_TRUE(got) << describe(got.error());
     EXPECT_EQ(got->bytes, "live\n");
     EXPECT_EQ(got->offset, 7U);

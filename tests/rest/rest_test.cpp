@@ -54,20 +54,6 @@ std::string quick_console_spec()
                        json::quote(QemuProcess::binary()));
 }
 
-// The test guest under TCG with its console on ttyS0 (it answers "echo TEXT" with "qmtest: TEXT");
-// a stop quits it at once.
-std::string guest_spec()
-{
-    const std::string& dir = guest_image().dir;
-    return fmt::format(
-        R"({{"binary": {}, "machine": "pc,accel=tcg", "memory_mib": 128,
-            "args": ["-nodefaults", "-no-user-config", "-no-reboot", "-kernel", {}, "-initrd",
-                     {}, "-append", "console=ttyS0 quiet panic=-1"],
-            "shutdown": {{"mode": "quit", "timeout_s": 10}}}})",
-        json::quote(QemuProcess::binary()), json::quote(dir + "/vmlinuz"),
-        json::quote(dir + "/initramfs.cpio.gz"));
-}
-
 // The header fields of a WebSocket handshake (RFC 6455 4.1), for requests sent without Beast's
 // WebSocket client.
 const Headers& websocket_headers()
@@ -804,7 +790,8 @@ TEST_F(RestTest, LogAndConsoleLogWithTail)
 TEST_F(RestTest, ConsoleWebSocketExchangesALineWithTheGuestASecondWriterIsRefused)
 {
     ASSERT_EQ(guest_image().error, "") << "the test guest cannot be built";
-    create("guest", guest_spec());
+    // It answers "echo TEXT" with "qmtest: TEXT"; a stop quits it at once.
+    create("guest", guest_spec(R"({"mode": "quit", "timeout_s": 10})"));
     ASSERT_EQ(action("guest", "start").status, 200);
     {
         // Booted: its /init said so (the wait may take a TCG boot's time, more than call()'s).

@@ -34,21 +34,10 @@ protected:
         open_supervisor();
     }
 
-    static std::string guest_spec(int timeout_s)
-    {
-        const std::string& dir = guest_image().dir;
-        return fmt::format(
-            R"({{"binary": {}, "machine": "pc,accel=tcg", "memory_mib": 128,
-                "args": ["-nodefaults", "-no-user-config", "-no-reboot", "-kernel", {}, "-initrd",
-                         {}, "-append", "console=ttyS0 quiet panic=-1"],
-                "shutdown": {{"mode": "powerdown", "timeout_s": {}}}}})",
-            json::quote(QemuProcess::binary()), json::quote(dir + "/vmlinuz"),
-            json::quote(dir + "/initramfs.cpio.gz"), timeout_s);
-    }
-
     void boot(const std::string& name, int timeout_s = 60)
     {
-        ASSERT_TRUE(create(name, guest_spec(timeout_s)));
+        ASSERT_TRUE(create(name, guest_spec(fmt::format(R"({{"mode": "powerdown", "timeout_s": {}}})",
+                                                        timeout_s))));
         auto started = start(name);
         ASSERT_TRUE(started) << describe(started.error());
         auto ready = run_co(ioc_, sup_->console_wait(name, "qmtest: ready", boot_timeout),

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 // The test guest (scripts/guest-image: Debian's cloud kernel and a busybox initramfs whose /init is
-// tests/guest/init), built once and cached; QM_SOURCE_DIR must name the source tree.
+// tests/guest/init), built once and cached, and the machine spec that boots it; QM_SOURCE_DIR must
+// name the source tree.
 #pragma once
 
 #include <sys/wait.h>
@@ -10,6 +11,9 @@
 #include <string>
 
 #include <fmt/format.h>
+
+#include "libmachine/json.hpp"
+#include "tests/support/qemu_process.hpp"
 
 #ifndef QM_SOURCE_DIR
 #error "QM_SOURCE_DIR (the source tree, for scripts/guest-image) must be defined by the build"
@@ -60,6 +64,20 @@ inline const GuestImage& guest_image()
         return g;
     }();
     return image;
+}
+
+// The spec (JSON, for the supervisor and the REST API) of a machine that boots the test guest under
+// TCG: 128 MiB, its console on ttyS0, no reboot; `shutdown` is the spec's "shutdown" object.
+inline std::string guest_spec(const std::string& shutdown = R"({"mode": "powerdown", "timeout_s": 60})")
+{
+    const std::string& dir = guest_image().dir;
+    return fmt::format(
+        R"({{"binary": {}, "machine": "pc,accel=tcg", "memory_mib": 128,
+            "args": ["-nodefaults", "-no-user-config", "-no-reboot", "-kernel", {}, "-initrd",
+                     {}, "-append", "console=ttyS0 quiet panic=-1"],
+            "shutdown": {}}})",
+        json::quote(QemuProcess::binary()), json::quote(dir + "/vmlinuz"),
+        json::quote(dir + "/initramfs.cpio.gz"), shutdown);
 }
 
 } // namespace qm::test
