@@ -167,11 +167,12 @@ expected<std::string> absolute_from_flag(std::string_view flag, const std::strin
 }
 
 // The settings beyond the directories and the log level: same key in the file and as a flag.
-constexpr std::array<std::string_view, 13> other_settings{
+constexpr std::array<std::string_view, 17> other_settings{
     "rest-socket",          "rest-listen",     "rest-allow-remote", "rest-token-file",
     "rest-max-connections", "rest-max-body",   "rest-request-timeout",
-    "shutdown-policy",      "qemu-user",       "qemu-sandbox",      "qemu-log-max",
-    "qmp-allow",            "qmp-deny",
+    "rest-max-subscribers", "shutdown-policy", "qemu-user",         "qemu-sandbox",
+    "qemu-log-max",         "qmp-allow",       "qmp-deny",          "event-ring",
+    "event-queue",          "bus",
 };
 
 bool is_other_setting(std::string_view key)
@@ -269,6 +270,24 @@ expected<void> apply_setting(Config& c, std::string_view key, const std::string&
             return fail(std::move(n).error());
         }
         c.rest_max_connections = *n;
+    } else if (key == "bus") {
+        if (value.empty()) {
+            return fail(errc::invalid_argument,
+                        fmt::format("{}: give system, user, none or a D-Bus address", key));
+        }
+        c.bus = value;
+    } else if (key == "rest-max-subscribers") {
+        auto n = parse_count(key, value, 1, 1000000);
+        if (!n) {
+            return fail(std::move(n).error());
+        }
+        c.rest_max_subscribers = *n;
+    } else if (key == "event-ring" || key == "event-queue") {
+        auto n = parse_count(key, value, 16, std::uint64_t{1} << 20);
+        if (!n) {
+            return fail(std::move(n).error());
+        }
+        (key == "event-ring" ? c.event_ring : c.event_queue) = *n;
     } else if (key == "rest-max-body") {
         auto n = parse_count(key, value, 1024, std::uint64_t{1} << 30);
         if (!n) {
@@ -808,6 +827,8 @@ Options (each as "--option value" or "--option=value"; the last one given wins):
                          default: STATE-DIR/rest.token
   --rest-max-connections N
                        open REST connections at most (default 1024)
+  --rest-max-subscribers N
+                       open event streams (GET /v1/events) at most (default 1024)
   --rest-max-body BYTES
                        request bodies at most (default 1048576)
   --rest-request-timeout SECONDS
@@ -826,6 +847,12 @@ Options (each as "--option value" or "--option=value"; the last one given wins):
   --qemu-log-max BYTES
                        keep each machine's QEMU output log under BYTES (0: unbounded)
                          default: 1048576
+  --bus BUS            the D-Bus to serve org.qmachined1 on: system, user, none or an address
+                         (unix:path=...)
+                         default: system as root, user otherwise
+  --event-ring N       recent events kept for resuming streams and waits (default 4096)
+  --event-queue N      events a stream's reader may be behind before it is told it lagged
+                         (default 1024)
   --qmp-allow CMD[,CMD]...
                        QMP passthrough commands to lift from the default deny set:
                          {}

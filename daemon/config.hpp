@@ -41,6 +41,13 @@ struct Config
     bool rest_allow_remote = false; // rest-listen may name a non-loopback address
     std::string rest_token_file; // empty: <state_dir>/rest.token
     std::size_t rest_max_connections = 1024;
+    std::size_t rest_max_subscribers = 1024; // open event streams
+    // The D-Bus: "system", "user", "none" or an address; empty: system as root, user otherwise.
+    std::string bus;
+    // The event stream (keys event-ring, event-queue): recent events kept for resume and waits,
+    // and how far behind a stream's reader may be before it is told it lagged.
+    std::size_t event_ring = 4096;
+    std::size_t event_queue = 1024;
     std::size_t rest_max_body = 1024 * 1024;
     std::chrono::milliseconds rest_request_timeout{30000};
 

@@ -22,6 +22,8 @@
 #include <spdlog/spdlog.h>
 
 #include "daemon/config.hpp"
+#include "daemon/dbus/service.hpp"
+#include "daemon/metrics.hpp"
 #include "daemon/notify.hpp"
 #include "daemon/qemu_version.hpp"
 #include "daemon/rest/api.hpp"
@@ -120,15 +122,26 @@ qm::expected<void> resolve_qemu_user(const Config& config, qm::daemon::Superviso
     return {};
 }
 
+qm::rest::ApiOptions api_options(const Config& config)
+{
+    qm::rest::ApiOptions options;
+    options.daemon_version = version;
+    options.max_subscribers = config.rest_max_subscribers;
+    return options;
+}
+
 class Daemon
 {
 public:
     Daemon(qm::asio::io_context& ioc, Config config, qm::daemon::SupervisorOptions options,
            qm::daemon::NotifyEnvironment notify)
         : ioc_(ioc), config_(std::move(config)), notifier_(ioc, std::move(notify)),
-          supervisor_(ioc, std::move(options)), api_(supervisor_, qm::rest::ApiOptions{version}),
+          supervisor_(ioc, std::move(options)), api_(supervisor_, api_options(config_)),
           signals_(ioc, SIGTERM, SIGINT, SIGHUP)
-    {}
+    {
+        open_bus();
+        qm::daemon::register_process_metrics(supervisor_.metrics(), version);
+    }
 
     int run()
     {
@@ -174,6 +187,32 @@ public:
     }
 
 private:
+    // The D-Bus front end, its objects registered at once; its name is asked for once the
+    // daemon is ready. No reachable bus is logged and REST goes on.
+    void open_bus()
+    {
+        std::string which = config_.bus;
+        if (which.empty()) {
+            which = ::geteuid() == 0 ? "system" : "user";
+        }
+        if (which == "none") {
+            spdlog::info("D-Bus: not served (bus none)");
+            return;
+        }
+        const auto address = qm::dbus::BusAddress::parse(which);
+        auto bus = qm::dbus::Bus::open(ioc_, address);
+        if (!bus) {
+            spdlog::warn("D-Bus: not served: {}", bus.error().message);
+            return;
+        }
+        qm::dbus::ServiceOptions options;
+        if (const group* g = ::getgrnam("qmachined"); g != nullptr) {
+            options.admin_group = g->gr_gid;
+        }
+        dbus_.emplace(ioc_, supervisor_, std::move(*bus), options);
+        spdlog::info("D-Bus: connected to {}", address.describe());
+    }
+
     void ready()
     {
         if (stopping_) {
@@ -189,6 +228,9 @@ private:
             supervisor_.detach_all(); // what runs keeps running for the next start
             ioc_.stop();
             return;
+        }
+        if (dbus_) {
+            dbus_->start();
         }
         supervisor_.autostart();
         probe_qemu();
@@ -264,7 +306,9 @@ private:
                              "controls every machine, over plain HTTP", address.to_string());
             }
         }
-        server_.emplace(ioc_, api_, std::move(options));
+        // The server counts its requests and connections in the supervisor's registry, which
+        // GET /metrics renders.
+        server_.emplace(ioc_, api_, std::move(options), supervisor_.metrics());
         return server_->listen();
     }
 
@@ -352,6 +396,7 @@ private:
         if (server_) {
             server_->close();
         }
+        dbus_.reset();
         done_ = true;
         signals_.cancel();
         finish_deadline_ = std::chrono::steady_clock::now() + std::chrono::seconds(1);
@@ -401,6 +446,7 @@ private:
     qm::daemon::Supervisor supervisor_;
     qm::rest::Api api_;
     std::optional<qm::rest::Server> server_;
+    std::optional<qm::dbus::Service> dbus_;
     qm::asio::signal_set signals_;
     qm::asio::steady_timer finish_timer_{ioc_};
     std::chrono::steady_clock::time_point finish_deadline_{};
@@ -454,6 +500,8 @@ int main(int argc, char** argv)
     options.sandbox = config.qemu_sandbox;
     options.qmp_policy = qm::daemon::qmp_policy(config);
     options.qemu_log_max = config.qemu_log_max;
+    options.events.ring_capacity = config.event_ring;
+    options.events.subscriber_queue = config.event_queue;
     if (auto user = resolve_qemu_user(config, options); !user) {
         spdlog::critical("Failed to start: {}", user.error().message);
         ::close(lock_fd);

@@ -34,6 +34,8 @@ constexpr std::string_view text_media_type = "text/plain; charset=utf-8";
 // The waits (events, console): at most an hour, 30 s unless the request says otherwise.
 constexpr double max_wait_s = 3600;
 constexpr std::chrono::milliseconds default_wait = std::chrono::seconds(30);
+// The Prometheus text exposition format, version 0.0.4 (what a scraper asks for in Accept).
+constexpr std::string_view metrics_media_type = "text/plain; version=0.0.4; charset=utf-8";
 
 Response json_response(int status, std::string body)
 {
@@ -210,6 +212,7 @@ std::string_view audited_op(Route route)
         return "qmp";
     case Route::version:
     case Route::health:
+    case Route::metrics:
     case Route::machines_list:
     case Route::machine_get:
     case Route::log:
@@ -266,60 +269,6 @@ std::string rfc3339_us(std::int64_t us)
     ::gmtime_r(&secs, &tm);
     return fmt::format("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z", tm.tm_year + 1900, tm.tm_mon + 1,
                        tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, frac);
-}
-
-expected<std::string> read_log_tail(const std::string& path, std::optional<std::size_t> max_lines,
-                                    std::size_t limit)
-{
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
-    if (fd < 0) {
-        if (errno == ENOENT) {
-            return std::string();
-        }
-        return fail(errc::system_error, fmt::format("cannot open '{}': {}", path, std::strerror(errno)));
-    }
-    struct stat st{};
-    std::string data;
-    if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode)) {
-        const auto size = static_cast<std::size_t>(st.st_size);
-        const std::size_t want = std::min(size, limit);
-        data.resize(want);
-        const ssize_t n = ::pread(fd, data.data(), want, static_cast<off_t>(size - want));
-        data.resize(n > 0 ? static_cast<std::size_t>(n) : 0);
-        if (want < size) {
-            // Started mid-line: drop the partial first line.
-            const std::size_t nl = data.find('\n');
-            data.erase(0, nl == std::string::npos ? 0 : nl + 1);
-        }
-    }
-    ::close(fd);
-    if (max_lines) {
-        std::size_t pos = data.size();
-        // A final newline ends the last line; it does not start another one.
-        if (pos > 0 && data[pos - 1] == '\n') {
-            --pos;
-        }
-        std::size_t lines = 0;
-        while (lines < *max_lines && pos > 0) {
-            const std::size_t nl = data.rfind('\n', pos - 1);
-            if (nl == std::string::npos) {
-                pos = 0;
-                ++lines;
-                break;
-            }
-            ++lines;
-            if (lines == *max_lines) {
-                pos = nl + 1;
-                break;
-            }
-            pos = nl;
-        }
-        if (*max_lines == 0) {
-            pos = data.size();
-        }
-        data.erase(0, pos);
-    }
-    return data;
 }
 
 Api::Api(daemon::Supervisor& supervisor, ApiOptions options)
@@ -420,6 +369,9 @@ awaitable<Response> Api::dispatch(RouteMatch m, Request req)
     case Route::health:
         r = health();
         break;
+    case Route::metrics:
+        r = metrics();
+        break;
     case Route::machines_list:
         r = list();
         break;
@@ -501,6 +453,16 @@ Response Api::health() const
     }
     d.AddMember("states", states, a);
     return json_response(200, json::to_string(d));
+}
+
+Response Api::metrics()
+{
+    // Served while shutting down too: a last scrape sees the machines being stopped.
+    Response r;
+    r.status = 200;
+    r.content_type = metrics_media_type;
+    r.body = supervisor_.metrics().render();
+    return r;
 }
 
 Response Api::list() const

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "daemon/audit.hpp"
+#include "daemon/log_tail.hpp"
 #include "daemon/rest/console_stream.hpp"
 #include "daemon/rest/problem.hpp"
 #include "daemon/rest/router.hpp"
@@ -100,6 +101,8 @@ public:
 private:
     Response version() const;
     Response health() const;
+    // The registry's text (it runs the collectors, hence not const).
+    Response metrics();
     Response list() const;
     Response get(const std::string& name) const;
     Response log(const std::string& name, const Query& query, bool console) const;
@@ -122,9 +125,7 @@ private:
 
 // RFC 3339 in UTC with microseconds: "2026-11-25T22:01:02.123456Z".
 std::string rfc3339_us(std::int64_t us_since_epoch);
-// The last `max_lines` lines (all with nullopt) of the last `limit` bytes of the file at `path`;
-// empty when it does not exist. errc::system_error when it cannot be read.
-expected<std::string> read_log_tail(const std::string& path, std::optional<std::size_t> max_lines,
-                                    std::size_t limit);
+// (Also used by the tests under this name.)
+using daemon::read_log_tail;
 
 } // namespace qm::rest

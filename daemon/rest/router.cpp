@@ -13,6 +13,8 @@ namespace {
 constexpr std::array route_table{
     RouteInfo{Route::version, "GET", "/v1/version", "version"},
     RouteInfo{Route::health, "GET", "/v1/health", "health"},
+    // Where Prometheus scrapes by default; the text format versions itself (version=0.0.4).
+    RouteInfo{Route::metrics, "GET", "/metrics", "metrics"},
     RouteInfo{Route::machines_list, "GET", "/v1/machines", "machines.list"},
     RouteInfo{Route::machines_create, "POST", "/v1/machines", "machines.create"},
     RouteInfo{Route::machine_get, "GET", "/v1/machines/{name}", "machine.get"},

@@ -18,6 +18,7 @@ namespace qm::rest {
 enum class Route {
     version,
     health,
+    metrics,
     machines_list,
     machines_create,
     machine_get,
@@ -42,7 +43,7 @@ struct RouteInfo
 {
     Route route;
     std::string_view method;  // "GET", "POST", "PUT", "DELETE"
-    std::string_view pattern; // "/v1/machines/{name}/start"
+    std::string_view pattern; // "/v1/machines/{name}/start" (or "/metrics", outside /v1)
     std::string_view name;    // the metrics and log label: "machine.start"
 };
 

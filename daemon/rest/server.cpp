@@ -28,6 +28,10 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+constexpr std::string_view requests_help = "HTTP responses sent, by route and status.";
+// What Response::route says of a request that reached no route.
+constexpr std::string_view unmatched = "unmatched";
+
 // The response of a failure detected before a request was complete (the connection is closed
 // after it: what is left of the request cannot be read reliably).
 http::response<http::string_body> early_response(const Problem& p, const std::string& server)
@@ -167,9 +171,56 @@ expected<std::string> load_or_create_token(const std::string& path)
     return token;
 }
 
-Server::Server(asio::io_context& ioc, Api& api, ServerOptions options)
-    : ioc_(ioc), api_(api), options_(std::move(options)), sweep_timer_(ioc)
-{}
+Server::Server(asio::io_context& ioc, Api& api, ServerOptions options, daemon::Registry& metrics)
+    : ioc_(ioc), api_(api), options_(std::move(options)), metrics_(metrics), sweep_timer_(ioc)
+{
+    // A route's series appear when it first answers (its latency) or first answers with a status:
+    // the text grows with what is used, not with the route table (a histogram is 19 lines).
+    for (const RouteInfo& r : routes()) {
+        route_meters_.push_back(RouteMeters{r.name, {}, nullptr});
+    }
+    route_meters_.push_back(RouteMeters{unmatched, {}, nullptr});
+    daemon::Gauge& connections =
+        metrics_.gauge("qmachined_http_connections", "Open REST connections.");
+    collector_ = metrics_.add_collector(
+        [this, &connections] { connections.set(static_cast<double>(sessions_.size())); });
+}
+
+Server::RouteMeters& Server::meters(std::string_view route) noexcept
+{
+    for (RouteMeters& m : route_meters_) {
+        if (m.route == route) {
+            return m;
+        }
+    }
+    return route_meters_.back(); // unmatched
+}
+
+void Server::count_response(std::string_view route, int status, std::optional<double> seconds)
+{
+    RouteMeters& m = meters(route);
+    if (seconds) {
+        if (m.seconds == nullptr) {
+            m.seconds = &metrics_.histogram(
+                "qmachined_http_request_duration_seconds",
+                "Time from a request read whole to its response ready, by route.",
+                daemon::latency_buckets, {{"route", std::string(m.route)}});
+        }
+        m.seconds->observe(*seconds);
+    }
+    for (auto& [seen, counter] : m.by_status) {
+        if (seen == status) {
+            counter->inc();
+            return;
+        }
+    }
+    // The first answer of this route with this status: its series, once.
+    daemon::Counter& counter =
+        metrics_.counter("qmachined_http_requests_total", requests_help,
+                         {{"route", std::string(m.route)}, {"status", std::to_string(status)}});
+    m.by_status.emplace_back(status, &counter);
+    counter.inc();
+}
 
 std::chrono::milliseconds Server::sweep_period() const noexcept
 {
@@ -221,6 +272,7 @@ awaitable<void> Server::sweep()
 Server::~Server()
 {
     close();
+    metrics_.remove_collector(collector_);
 }
 
 expected<void> Server::listen()
@@ -381,6 +433,7 @@ awaitable<void> Server::refuse(typename Protocol::socket socket)
                                                        options_.max_connections)),
                               options_.server_header);
     res.set(http::field::retry_after, "1");
+    count_response(unmatched, res.result_int());
     Deadline deadline(socket.get_executor(), 1s, [&socket] { socket.close(); });
     error_code ec;
     co_await http::async_write(socket, res, use_ec(ec));
@@ -516,6 +569,7 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
             if (problem) {
                 spdlog::debug("REST connection {}: {} ({})", id, problem->detail, ec.message());
                 auto res = early_response(*problem, options_.server_header);
+                count_response(unmatched, res.result_int());
                 Deadline write_deadline(socket.get_executor(), 1s, [&socket] {
                     error_code ignored;
                     socket.close(ignored);
@@ -556,6 +610,10 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
         if (alive.expired() || closed_) {
             break;
         }
+        const auto took = Clock::now() - started;
+        const auto us = std::chrono::duration_cast<std::chrono::microseconds>(took);
+        count_response(response.route, response.status,
+                       std::chrono::duration<double>(took).count());
         if (response.stream) {
             // The answer is a stream: it takes the connection over (as one socket type for unix
             // and TCP) for as long as it lasts; Server::close() still closes it.
@@ -583,7 +641,6 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
             conn.socket.close(ignored);
             co_return;
         }
-        const auto us = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - started);
         // 503 is an expected answer (shutting down, an unresponsive machine), not a failure here.
         if (response.status >= 500 && response.status != 503) {
             spdlog::warn("REST {} {} -> {} ({} us): {}", std::string(msg.method_string()),

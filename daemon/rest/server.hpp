@@ -12,7 +12,10 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
+#include "daemon/metrics.hpp"
 #include "daemon/rest/api.hpp"
 #include "libmachine/asio.hpp"
 #include "libmachine/expected.hpp"
@@ -37,12 +40,14 @@ struct ServerOptions
     std::string server_header = "qmachined";
 };
 
-// Owned by the daemon; loop thread only; holds the Api by reference (it outlives the server).
-// listen() fails with errc::system_error naming the address and errno's text.
+// Owned by the daemon; loop thread only; holds the Api and the metrics registry by reference (they
+// outlive the server), and counts every response it sends in the registry (requests by route and
+// status, their latency, open connections). listen() fails with errc::system_error naming the
+// address and errno's text.
 class Server
 {
 public:
-    Server(asio::io_context& ioc, Api& api, ServerOptions options);
+    Server(asio::io_context& ioc, Api& api, ServerOptions options, daemon::Registry& metrics);
     ~Server();
     Server(const Server&) = delete;
     Server& operator=(const Server&) = delete;
@@ -67,6 +72,10 @@ private:
     template <class Protocol>
     awaitable<void> refuse(typename Protocol::socket socket);
     bool authorized(std::string_view header) const noexcept;
+    // One response sent: its route's label ("machine.start", "unmatched") and status, and for a
+    // request the Api answered, how long it took.
+    void count_response(std::string_view route, int status,
+                        std::optional<double> seconds = std::nullopt);
 
     asio::io_context& ioc_;
     Api& api_;
@@ -88,6 +97,20 @@ private:
     void set_deadline(std::uint64_t id, std::chrono::milliseconds timeout);
     void clear_deadline(std::uint64_t id);
 
+    // The HTTP series of one route (routes() in order, then "unmatched"): its requests by status,
+    // in the order first seen (a route answers few distinct statuses: a scan is cheapest), and
+    // the latency of those that reached the Api (null until the first).
+    struct RouteMeters
+    {
+        std::string_view route;
+        std::vector<std::pair<int, daemon::Counter*>> by_status;
+        daemon::Histogram* seconds = nullptr;
+    };
+    RouteMeters& meters(std::string_view route) noexcept;
+
+    daemon::Registry& metrics_;
+    std::vector<RouteMeters> route_meters_;
+    std::uint64_t collector_ = 0;
     std::map<std::uint64_t, Slot> sessions_;
     asio::steady_timer sweep_timer_;
     bool sweeping_ = false;

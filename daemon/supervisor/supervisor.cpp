@@ -270,7 +270,9 @@ const char* Supervisor::to_string(Job job) noexcept
 Supervisor::Supervisor(asio::io_context& ioc, SupervisorOptions options)
     : ioc_(ioc), options_(std::move(options)), events_(ioc, options_.events),
       store_(ioc, options_.state_dir), log_timer_(ioc)
-{}
+{
+    register_metrics();
+}
 
 Supervisor::~Supervisor()
 {
@@ -810,6 +812,56 @@ std::map<std::string, std::size_t> Supervisor::count_by_state() const
     return counts;
 }
 
+//---- metrics ------------------------------------------------------------------------------------
+
+void Supervisor::register_metrics()
+{
+    std::vector<Gauge*> machines;
+    for (MachineState state : machine_states()) {
+        machines.push_back(&metrics_.gauge("qmachined_machines", "Machines by state.",
+                                           {{"state", std::string(qm::to_string(state))}}));
+    }
+    restarts_total_ = &metrics_.counter("qmachined_machine_restarts_total",
+                                        "Automatic restarts by the machines' restart policies.");
+    constexpr std::array<const char*, 3> results{"ok", "error", "timeout"};
+    for (std::size_t i = 0; i < results.size(); ++i) {
+        qmp_total_[i] = &metrics_.counter(
+            "qmachined_qmp_commands_total",
+            "QMP commands sent for clients (passthrough, pause, resume), by result.",
+            {{"result", results[i]}});
+    }
+    qmp_seconds_ = &metrics_.histogram(
+        "qmachined_qmp_command_duration_seconds",
+        "Latency of QMP commands sent for clients, until QEMU answered (and, for pause and "
+        "resume, confirmed with its event).",
+        latency_buckets);
+    Counter& events = metrics_.counter("qmachined_events_total", "Events published.");
+    Counter& dropped = metrics_.counter("qmachined_events_dropped_total",
+                                        "QMP events dropped by the per-machine rate limit.");
+    Gauge& subscribers = metrics_.gauge("qmachined_event_subscribers", "Open event subscriptions.");
+    // Read when scraped rather than counted twice: the model and the bus keep these already.
+    metrics_.add_collector([this, machines = std::move(machines), &events, &dropped, &subscribers] {
+        const auto counts = count_by_state();
+        const auto states = machine_states();
+        for (std::size_t i = 0; i < states.size(); ++i) {
+            const auto it = counts.find(std::string(qm::to_string(states[i])));
+            machines[i]->set(it == counts.end() ? 0 : static_cast<double>(it->second));
+        }
+        // Every published event has the next sequence number: the last one is the count.
+        events.value = events_.last_seq();
+        dropped.value = events_.dropped_total();
+        subscribers.set(static_cast<double>(events_.subscriber_count()));
+    });
+}
+
+void Supervisor::count_qmp(std::chrono::steady_clock::time_point sent, const Error* failure)
+{
+    const std::size_t result = failure == nullptr ? 0 : failure->is(errc::timeout) ? 2 : 1;
+    qmp_total_[result]->inc();
+    qmp_seconds_->observe(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - sent).count());
+}
+
 //---- states -------------------------------------------------------------------------------------
 
 void Supervisor::set_state(Entry& e, MachineState state, std::string detail)
@@ -1097,6 +1149,7 @@ awaitable<void> Supervisor::auto_restart(std::shared_ptr<Entry> e, std::uint64_t
         co_return;
     }
     ++e->restart_count;
+    restarts_total_->inc();
     begin_job(*e, Job::start);
     e->auto_starting = true;
     auto started = co_await do_start(e);
@@ -1705,11 +1758,13 @@ awaitable<expected<OpResult>> Supervisor::pause_or_resume(std::string name, Job 
     begin_job(*e, job);
     auto machine = e->machine;
     expected<void> r;
+    const auto sent = std::chrono::steady_clock::now();
     if (pausing) {
         r = co_await machine->pause(options_.pause_timeout);
     } else {
         r = co_await machine->resume(options_.pause_timeout);
     }
+    count_qmp(sent, r ? nullptr : &r.error());
     end_job(*e);
     if (!r) {
         if (r.error().is(errc::timeout)) {
@@ -1765,7 +1820,9 @@ awaitable<expected<QmpResult>> Supervisor::qmp(std::string name, std::string com
     if (timeout) {
         call.timeout = *timeout;
     }
+    const auto sent = std::chrono::steady_clock::now();
     auto r = co_await client->execute(command, std::move(arguments), call);
+    count_qmp(sent, r ? nullptr : &r.error());
     if (!r) {
         if (r.error().is(errc::timeout)) {
             spawn(probe(e), "probe");

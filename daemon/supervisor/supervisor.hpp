@@ -5,6 +5,7 @@
 
 #include <sys/types.h>
 
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <map>
@@ -14,6 +15,7 @@
 #include <string_view>
 #include <vector>
 
+#include "daemon/metrics.hpp"
 #include "daemon/supervisor/console_session.hpp"
 #include "daemon/supervisor/events.hpp"
 #include "daemon/supervisor/qmp_policy.hpp"
@@ -146,7 +148,8 @@ struct SupervisorOptions
 // model. Errors (qm::errc): no_such_machine, exists, invalid_argument (name, spec), invalid_state
 // (StateConflict: the operation conflicts with the state or the operation in progress),
 // stale_generation, launch_failed, unresponsive, timeout, qmp_* (passthrough), shutting_down,
-// limit_exceeded, system_error (the state directory).
+// limit_exceeded, system_error (the state directory). It holds the daemon's metrics registry: its
+// own series (machines by state, restarts, QMP commands for clients, events) and the front ends'.
 class Supervisor
 {
 public:
@@ -214,6 +217,8 @@ public:
                                           std::chrono::milliseconds timeout);
 
     EventBus& events() noexcept { return events_; }
+    // The daemon's metrics (docs/rest.md lists them); the front ends add their own series.
+    Registry& metrics() noexcept { return metrics_; }
     const SupervisorOptions& options() const noexcept { return options_; }
 
     // The daemon is going down: new operations fail with shutting_down; every machine with a
@@ -239,6 +244,10 @@ private:
     // check_open() and lookup(): the entry an operation works on.
     expected<std::shared_ptr<Entry>> open_entry(std::string_view name) const;
     awaitable<expected<OpResult>> pause_or_resume(std::string name, Job job);
+
+    void register_metrics();
+    // A QMP command sent for a client, `sent` when it was sent: by result, and its latency.
+    void count_qmp(std::chrono::steady_clock::time_point sent, const Error* failure);
 
     void set_state(Entry& e, MachineState state, std::string detail = {});
     void on_machine_state(Entry& e, MachineState s);
@@ -274,6 +283,12 @@ private:
 
     asio::io_context& ioc_;
     SupervisorOptions options_;
+    Registry metrics_;
+    // Series of metrics_ (registered by the constructor): the restart policies' restarts, the
+    // QMP commands sent for clients by result (ok, error, timeout) and their latency.
+    Counter* restarts_total_ = nullptr;
+    std::array<Counter*, 3> qmp_total_{};
+    Histogram* qmp_seconds_ = nullptr;
     EventBus events_;
     Store store_;
     std::map<std::string, std::shared_ptr<Entry>, std::less<>> machines_;

@@ -20,6 +20,14 @@ constexpr std::array<std::pair<MachineState, std::string_view>, 9> names{{
     {MachineState::unresponsive, "unresponsive"},
 }};
 
+constexpr auto states = [] {
+    std::array<MachineState, names.size()> out{};
+    for (std::size_t i = 0; i < names.size(); ++i) {
+        out[i] = names[i].first;
+    }
+    return out;
+}();
+
 } // namespace
 
 std::string_view to_string(MachineState s) noexcept
@@ -30,6 +38,11 @@ std::string_view to_string(MachineState s) noexcept
         }
     }
     return "unknown";
+}
+
+std::span<const MachineState> machine_states() noexcept
+{
+    return states;
 }
 
 std::optional<MachineState> machine_state_from_string(std::string_view s) noexcept

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <optional>
+#include <span>
 #include <string_view>
 
 namespace qm {
@@ -21,6 +22,8 @@ enum class MachineState {
 };
 
 std::string_view to_string(MachineState s) noexcept;
+// Every state, in the order above (metrics list each one, zeros included).
+std::span<const MachineState> machine_states() noexcept;
 std::optional<MachineState> machine_state_from_string(std::string_view s) noexcept;
 
 // True for the states in which a QEMU process exists.

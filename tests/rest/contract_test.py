@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -627,10 +628,52 @@ def problem_is(name, field=None, more=None):
     return check
 
 
+# The Prometheus text exposition format 0.0.4: its media type names the version, which the
+# document's `text/plain` key leaves out (check_against compares the type and the charset only).
+METRICS_CONTENT_TYPE = 'text/plain; version=0.0.4; charset=utf-8'
+METRIC_SAMPLE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)'
+                           r'(\{[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*"'
+                           r'(?:,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*")*\})?'
+                           r' (\+Inf|-Inf|NaN|[-+]?[0-9.]+(?:[eE][-+]?[0-9]+)?)')
+
+
+def metrics_text(r, value):
+    """GET /metrics: the format's content type; every line a HELP, a TYPE or a sample, every sample
+    of a qmachined_ family that has its HELP and TYPE before it (tests/rest/exposition.hpp, used by
+    rest_test, reads it strictly)."""
+    problems = []
+    if r.headers.get('content-type') != METRICS_CONTENT_TYPE:
+        problems.append(f'Content-Type {r.headers.get("content-type")!r}, expected {METRICS_CONTENT_TYPE!r}')
+    helped, typed = set(), {}
+    text = r.body.decode('utf-8')
+    if not text.endswith('\n'):
+        problems.append('the text does not end with a newline')
+    for line in text.splitlines():
+        if line.startswith('# HELP '):
+            helped.add(line.split(' ')[2])
+        elif line.startswith('# TYPE '):
+            _, _, name, kind = line.split(' ', 3)
+            typed[name] = kind
+        else:
+            m = METRIC_SAMPLE.fullmatch(line)
+            if not m:
+                problems.append(f'not a sample: {line[:200]!r}')
+                continue
+            name = m.group(1)
+            family = next((name[:-len(sfx)] for sfx in ('_bucket', '_sum', '_count')
+                           if name.endswith(sfx) and typed.get(name[:-len(sfx)]) == 'histogram'), name)
+            if not family.startswith('qmachined_') or family not in helped or family not in typed:
+                problems.append(f'{name}: its family has no HELP or TYPE before it, or is not qmachined_')
+    return problems
+
+
 def run_requests(contract, s):
     # The daemon.
     s.send('versions', 'GET', '/v1/version', 200,
            check=lambda r, v: [] if v['api'] == 'v1' else [f'api {v["api"]}'])
+    s.send('metrics', 'GET', '/metrics', 200, check=metrics_text)
+    s.send('unknown query parameter', 'GET', '/metrics?x=1', 400,
+           check=problem_is('InvalidArgument', 'x'))
     s.send('health', 'GET', '/v1/health', 200,
            check=lambda r, v: [] if v['machines'] == 0 else [f'{v["machines"]} machines'])
     s.send('unknown query parameter', 'GET', '/v1/version?frob=1', 400,
@@ -793,6 +836,10 @@ def run_requests(contract, s):
            check=machine_is('stopped', generation=4))
     s.send('start', 'POST', '/v1/machines/c1/start', 200, check=machine_is('running'))
     s.send('restart a running machine', 'POST', '/v1/machines/c1/restart', 200, check=machine_is('running'))
+    s.send('metrics, with QMP and HTTP histograms', 'GET', '/metrics', 200,
+           check=lambda r, v: metrics_text(r, v) + (
+               [] if b'qmachined_qmp_command_duration_seconds_bucket{le="+Inf"}' in r.body
+               else ['no QMP latency histogram']))
     s.send('delete with force', 'DELETE', '/v1/machines/c1?force=true', 204)
     s.send('deleted', 'GET', '/v1/machines', 200,
            check=lambda r, v: [] if v == {'machines': []} else [f'{v}'])
@@ -962,7 +1009,8 @@ def check_unlisted(contract, s):
     # Unlisted paths: 404 NotFound.
     for method, target in [('GET', '/'), ('GET', '/v1'), ('GET', '/v1/'), ('GET', '/v2/machines'),
                            ('GET', '/v1/machines/c1/frob'), ('POST', '/v1/machines/c1/start/x'),
-                           ('GET', '/v1/machines/'), ('GET', '/v1//machines'), ('DELETE', '/v1/version/x')]:
+                           ('GET', '/v1/machines/'), ('GET', '/v1//machines'), ('DELETE', '/v1/version/x'),
+                           ('GET', '/v1/metrics'), ('GET', '/metrics/x')]:
         s.send('no such route', method, target, 404, check=problem_is('NotFound'))
 
 

@@ -2,8 +2,8 @@
 // The REST API over the wire: the real qmachined on a temp unix socket (and loopback TCP) with real
 // QEMU, driven by curl and a Beast client. Every route and its statuses; bad input, each answered
 // with its problem and nothing changed afterwards (machines, state files, the daemon's descriptors
-// and children); limits (body, header, slow clients, connections); tokens; shutdown; the console
-// WebSocket with the test guest (tests/guest/init).
+// and children); limits (body, header, slow clients, connections); tokens; shutdown; /metrics; the
+// console WebSocket with the test guest (tests/guest/init).
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
@@ -22,7 +22,9 @@
 
 #include "libmachine/asio.hpp"
 #include "libmachine/json.hpp"
+#include "libmachine/machine/state.hpp"
 #include "tests/rest/daemon_fixture.hpp"
+#include "tests/rest/exposition.hpp"
 #include "tests/rest/http_client.hpp"
 #include "tests/rest/websocket_client.hpp"
 #include "tests/support/daemon_process.hpp"
@@ -790,8 +792,8 @@ TEST_F(RestTest, LogAndConsoleLogWithTail)
 TEST_F(RestTest, ConsoleWebSocketExchangesALineWithTheGuestASecondWriterIsRefused)
 {
     ASSERT_EQ(guest_image().error, "") << "the test guest cannot be built";
-    // It answers "echo TEXT" with "qmtest: TEXT"; a stop quits it at once.
-    create("guest", guest_spec(R"({"mode": "quit", "timeout_s": 10})"));
+    // It answers "echo TEXT" with "qmtest: TEXT".
+    create("guest", guest_spec());
     ASSERT_EQ(action("guest", "start").status, 200);
     {
         // Booted: its /init said so (the wait may take a TCG boot's time, more than call()'s).
@@ -846,8 +848,8 @@ TEST_F(RestTest, ConsoleWebSocketExchangesALineWithTheGuestASecondWriterIsRefuse
     WebSocketClient watcher(ioc_, socket_path());
     ASSERT_TRUE(watcher.open("/v1/machines/guest/console"));
 
-    // The machine stops: every client is closed with 1000 and the reason.
-    const HttpResponse stopped = action("guest", "stop");
+    // The machine stops (quit: at once): every client is closed with 1000 and the reason.
+    const HttpResponse stopped = action("guest", "stop", R"({"mode": "quit"})");
     EXPECT_EQ(stopped.status, 200) << stopped;
     for (WebSocketClient* c : {&next, &watcher}) {
         ASSERT_TRUE(c->wait_end(10s));
@@ -1169,7 +1171,7 @@ TEST_F(RestTest, UnknownRoutesMethodsAndQueryParameters)
     for (const char* target :
          {"/", "/v1", "/v1/", "/v2/machines", "/v1/machine", "/v1/machines/vm/frob",
           "/v1/machines/vm/consoles", "/v1/machines/vm/start/now", "/v1/version/x", "/V1/health",
-          "/v1/machines/vm/log/x", "/v1//machines"}) {
+          "/v1/machines/vm/log/x", "/v1//machines", "/v1/metrics", "/metrics/x"}) {
         SCOPED_TRACE(target);
         expect_problem(call("GET", target), 404, "NotFound");
         expect_problem(call("POST", target, "{}"), 404, "NotFound");
@@ -1194,6 +1196,8 @@ TEST_F(RestTest, UnknownRoutesMethodsAndQueryParameters)
              {"POST", "/v1/machines/vm/console", "GET"},
              {"OPTIONS", "/v1/machines", "GET, POST"},
              {"FROB", "/v1/health", "GET"},
+             {"POST", "/metrics", "GET"},
+             {"DELETE", "/metrics", "GET"},
          }) {
         SCOPED_TRACE(std::string(c.method) + " " + c.target);
         const HttpResponse r = call(c.method, c.target);
@@ -1210,8 +1214,9 @@ TEST_F(RestTest, UnknownRoutesMethodsAndQueryParameters)
     expect_problem(curl405, 405, "MethodNotAllowed");
     EXPECT_EQ(curl405.header("Allow"), "GET");
 
-    for (const char* target : {"/v1/machines?x=1", "/v1/health?verbose", "/v1/version?v=2",
-                               "/v1/machines/vm?tail=1", "/v1/machines/vm/log?force=true"}) {
+    for (const char* target :
+         {"/v1/machines?x=1", "/v1/health?verbose", "/v1/version?v=2", "/metrics?x",
+          "/v1/machines/vm?tail=1", "/v1/machines/vm/log?force=true"}) {
         SCOPED_TRACE(target);
         const HttpResponse r = call("GET", target);
         expect_problem(r, 400, "InvalidArgument");
@@ -1223,6 +1228,131 @@ TEST_F(RestTest, UnknownRoutesMethodsAndQueryParameters)
     expect_problem(call("GET", "/v1/machines?%zz=1"), 400, "InvalidArgument");
     expect_problem(curl("GET", "/v1/machines?x=1").response, 400, "InvalidArgument", "x");
     expect_unchanged(before);
+}
+
+// ---- metrics --------------------------------------------------------------------------------
+
+// A GET /metrics answer read by the strict reader (tests/rest/exposition.hpp), with what qmachined
+// promises beyond the format: its content type, names under qmachined_, counters in _total.
+Exposition read_metrics(const HttpResponse& r)
+{
+    EXPECT_EQ(r.status, 200) << r;
+    EXPECT_EQ(r.header("Content-Type"), "text/plain; version=0.0.4; charset=utf-8");
+    Exposition e = parse_exposition(r.body);
+    EXPECT_TRUE(e.errors.empty()) << testing::PrintToString(e.errors) << "\n" << r.body;
+    for (const auto& [name, family] : e.families) {
+        EXPECT_TRUE(name.starts_with("qmachined_")) << name;
+        EXPECT_TRUE(family.type != "counter" || name.ends_with("_total")) << name;
+    }
+    return e;
+}
+
+TEST_F(RestTest, MetricsParseAndTheirCountersMove)
+{
+    const HttpResponse version = call("GET", "/v1/version");
+    const Exposition before = read_metrics(call("GET", "/metrics"));
+    // Every family docs/rest.md lists (the HTTP ones exist already: SetUp asked for the version).
+    for (const auto& [name, type] : std::vector<std::pair<std::string, std::string>>{
+             {"qmachined_machines", "gauge"},
+             {"qmachined_machine_restarts_total", "counter"},
+             {"qmachined_qmp_commands_total", "counter"},
+             {"qmachined_qmp_command_duration_seconds", "histogram"},
+             {"qmachined_events_total", "counter"},
+             {"qmachined_events_dropped_total", "counter"},
+             {"qmachined_event_subscribers", "gauge"},
+             {"qmachined_http_requests_total", "counter"},
+             {"qmachined_http_request_duration_seconds", "histogram"},
+             {"qmachined_http_connections", "gauge"},
+             {"qmachined_start_time_seconds", "gauge"},
+             {"qmachined_build_info", "gauge"},
+         }) {
+        ASSERT_TRUE(before.families.contains(name)) << name;
+        EXPECT_EQ(before.families.at(name).type, type) << name;
+        EXPECT_FALSE(before.families.at(name).help.empty()) << name;
+    }
+    // Every state, zeros included; every QMP result.
+    for (MachineState state : machine_states()) {
+        EXPECT_EQ(before.value("qmachined_machines", {{"state", std::string(to_string(state))}}), 0)
+            << to_string(state);
+    }
+    for (const char* result : {"ok", "error", "timeout"}) {
+        EXPECT_EQ(before.value("qmachined_qmp_commands_total", {{"result", result}}), 0) << result;
+    }
+    EXPECT_GE(before.value_or_zero("qmachined_http_connections"), 1) << "the scrape's own";
+    EXPECT_EQ(before.value("qmachined_event_subscribers"), 0);
+    EXPECT_EQ(before.value("qmachined_build_info", {{"version", version.str("qmachined")}}), 1);
+    const double now =
+        std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+    const double started = before.value_or_zero("qmachined_start_time_seconds");
+    EXPECT_LE(started, now);
+    EXPECT_GT(started, now - 120);
+
+    // A machine created and started; QMP passthrough: one answer, one QEMU error.
+    running_machine("vm");
+    const std::string qmp = "/v1/machines/vm/qmp";
+    const HttpResponse status = call("POST", qmp, R"({"execute": "query-status"})");
+    ASSERT_EQ(status.status, 200) << status;
+    expect_problem(call("POST", qmp, R"({"execute": "no-such-command"})"), 422, "QmpError");
+    // Not sent: the policy refuses it before QEMU sees it.
+    expect_problem(call("POST", qmp,
+                        R"({"execute": "human-monitor-command",
+                            "arguments": {"command-line": "info version"}})"),
+                   403, "Forbidden");
+    expect_problem(call("GET", "/v1/nope"), 404, "NotFound");
+
+    const Exposition after = read_metrics(call("GET", "/metrics"));
+    auto moved = [&](const std::string& name, const MetricLabels& labels = {}) {
+        return after.value_or_zero(name, labels) - before.value_or_zero(name, labels);
+    };
+    EXPECT_EQ(moved("qmachined_machines", {{"state", "running"}}), 1);
+    EXPECT_EQ(moved("qmachined_machines", {{"state", "defined"}}), 0) << "created, then started";
+    EXPECT_EQ(moved("qmachined_qmp_commands_total", {{"result", "ok"}}), 1);
+    EXPECT_EQ(moved("qmachined_qmp_commands_total", {{"result", "error"}}), 1);
+    EXPECT_EQ(moved("qmachined_qmp_commands_total", {{"result", "timeout"}}), 0);
+    EXPECT_EQ(moved("qmachined_qmp_command_duration_seconds_count"), 2);
+    EXPECT_GT(moved("qmachined_qmp_command_duration_seconds_sum"), 0);
+    EXPECT_EQ(moved("qmachined_qmp_command_duration_seconds_bucket", {{"le", "+Inf"}}), 2);
+    const std::string requests = "qmachined_http_requests_total";
+    EXPECT_EQ(moved(requests, {{"route", "machines.create"}, {"status", "201"}}), 1);
+    EXPECT_EQ(moved(requests, {{"route", "machine.start"}, {"status", "200"}}), 1);
+    EXPECT_EQ(moved(requests, {{"route", "machine.qmp"}, {"status", "200"}}), 1);
+    EXPECT_EQ(moved(requests, {{"route", "machine.qmp"}, {"status", "422"}}), 1);
+    EXPECT_EQ(moved(requests, {{"route", "machine.qmp"}, {"status", "403"}}), 1);
+    EXPECT_EQ(moved(requests, {{"route", "unmatched"}, {"status", "404"}}), 1);
+    // The first scrape is counted once it was answered: this one does not count itself yet.
+    EXPECT_EQ(moved(requests, {{"route", "metrics"}, {"status", "200"}}), 1);
+    const std::string latencies = "qmachined_http_request_duration_seconds_count";
+    EXPECT_EQ(moved(latencies, {{"route", "machine.qmp"}}), 3);
+    EXPECT_EQ(moved(latencies, {{"route", "machine.start"}}), 1);
+    // Every event got the next sequence number, and the QMP answer said which one was last.
+    const auto seq = json::get_int(status.json(), "event_seq");
+    ASSERT_TRUE(seq.has_value()) << status;
+    EXPECT_EQ(after.value("qmachined_events_total"), static_cast<double>(*seq));
+    EXPECT_GE(moved("qmachined_events_total"), 3)
+        << "MACHINE_CREATED and the start's STATE_CHANGEDs";
+    EXPECT_EQ(moved("qmachined_events_dropped_total"), 0);
+
+    // A restart by the policy: the QEMU killed from outside comes back, counted once.
+    const pid_t pid = running_machine(
+        "r", quick_spec(R"(, "restart": {"policy": "on-failure", "max_restarts": 3, "window_s": 600,
+                                         "backoff_initial_ms": 0, "backoff_max_ms": 0})"));
+    ASSERT_GT(pid, 0);
+    ASSERT_EQ(::kill(pid, SIGKILL), 0);
+    HttpResponse r;
+    ASSERT_TRUE(eventually(
+        [&] {
+            r = call("GET", "/v1/machines/r");
+            return r.str("state") == "running" && json::get_int(r.json(), "restart_count") == 1;
+        },
+        20s))
+        << r;
+    const Exposition restarted = read_metrics(call("GET", "/metrics"));
+    EXPECT_EQ(restarted.value_or_zero("qmachined_machine_restarts_total") -
+                  after.value_or_zero("qmachined_machine_restarts_total"),
+              1);
+    EXPECT_EQ(restarted.value("qmachined_machines", {{"state", "running"}}),
+              after.value_or_zero("qmachined_machines", {{"state", "running"}}) + 1);
+    EXPECT_EQ(restarted.value("qmachined_machines", {{"state", "crashed"}}), 0);
 }
 
 // ---- connections ----------------------------------------------------------------------------

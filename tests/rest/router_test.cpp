@@ -107,7 +107,8 @@ TEST(RouterTest, UnknownPathsAre404)
     for (const char* target : {"/", "/v1", "/v1/", "/v2/machines", "/v1/machines/", "/v1/machines/a/",
                                "/v1/machines/a/frob", "/v1/machines/a/start/x", "/v1//machines",
                                "/v1/machines//start", "/V1/machines", "/v1/machines/a/consoles",
-                               "/metrics", "/v1/machines/a/console/log/x"}) {
+                               "/v1/metrics", "/metrics/", "/metrics/x", "/Metrics",
+                               "/v1/machines/a/console/log/x"}) {
         SCOPED_TRACE(target);
         const auto m = match_route("GET", target);
         ASSERT_NE(as_no_route(m), nullptr);

@@ -36,8 +36,7 @@ protected:
 
     void boot(const std::string& name, int timeout_s = 60)
     {
-        ASSERT_TRUE(create(name, guest_spec(fmt::format(R"({{"mode": "powerdown", "timeout_s": {}}})",
-                                                        timeout_s))));
+        ASSERT_TRUE(create(name, test::guest_spec({}, timeout_s)));
         auto started = start(name);
         ASSERT_TRUE(started) << describe(started.error());
         auto ready = run_co(ioc_, sup_->console_wait(name, "qmtest: ready", boot_timeout),

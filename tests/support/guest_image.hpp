@@ -1,7 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 // The test guest (scripts/guest-image: Debian's cloud kernel and a busybox initramfs whose /init is
-// tests/guest/init), built once and cached, and the machine spec that boots it; QM_SOURCE_DIR must
-// name the source tree.
+// tests/guest/init), built once and cached; QM_SOURCE_DIR must name the source tree.
 #pragma once
 
 #include <sys/wait.h>
@@ -66,18 +65,23 @@ inline const GuestImage& guest_image()
     return image;
 }
 
-// The spec (JSON, for the supervisor and the REST API) of a machine that boots the test guest under
-// TCG: 128 MiB, its console on ttyS0, no reboot; `shutdown` is the spec's "shutdown" object.
-inline std::string guest_spec(const std::string& shutdown = R"({"mode": "powerdown", "timeout_s": 60})")
+// A machine spec (proto/machine.schema.json) that boots the test guest under TCG with its serial
+// console, `append` added to the kernel's command line (qmtest.hello=WORD, ...), stopped by the
+// power button within `timeout_s`.
+inline std::string guest_spec(const std::string& append = {}, int timeout_s = 60)
 {
     const std::string& dir = guest_image().dir;
+    std::string cmdline = "console=ttyS0 quiet panic=-1";
+    if (!append.empty()) {
+        cmdline += " " + append;
+    }
     return fmt::format(
         R"({{"binary": {}, "machine": "pc,accel=tcg", "memory_mib": 128,
             "args": ["-nodefaults", "-no-user-config", "-no-reboot", "-kernel", {}, "-initrd",
-                     {}, "-append", "console=ttyS0 quiet panic=-1"],
-            "shutdown": {}}})",
+                     {}, "-append", {}],
+            "shutdown": {{"mode": "powerdown", "timeout_s": {}}}}})",
         json::quote(QemuProcess::binary()), json::quote(dir + "/vmlinuz"),
-        json::quote(dir + "/initramfs.cpio.gz"), shutdown);
+        json::quote(dir + "/initramfs.cpio.gz"), json::quote(cmdline), timeout_s);
 }
 
 } // namespace qm::test

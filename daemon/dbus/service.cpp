@@ -1,0 +1,285 @@
+// SPDX-License-Identifier: GPL-2.0-or-later
+// The D-Bus front end's plumbing: objects, credentials, replies sent later, signals from events.
+#include "daemon/dbus/service.hpp"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "daemon/audit.hpp"
+#include "daemon/supervisor/errors.hpp"
+#include "daemon/supervisor/events.hpp"
+#include "daemon/supervisor/supervisor.hpp"
+
+namespace qm::dbus {
+
+namespace {
+
+// The machine a path under machine_prefix names, if it is one (sd_bus_path_decode).
+std::optional<std::string> machine_of(const char* path)
+{
+    char* name = nullptr;
+    if (sd_bus_path_decode(path, machine_prefix, &name) <= 0 || name == nullptr) {
+        return std::nullopt;
+    }
+    std::string out(name);
+    std::free(name);
+    return out;
+}
+
+// sd-bus's fallback lookup: the object exists while the machine does.
+int find_machine(sd_bus*, const char* path, const char*, void* userdata, void** found,
+                 sd_bus_error*)
+{
+    auto* service = static_cast<Service*>(userdata);
+    auto name = machine_of(path);
+    if (!name || !service->supervisor().inspect(*name)) {
+        return 0;
+    }
+    *found = service;
+    return 1;
+}
+
+// Every machine's path, for introspection and GetManagedObjects.
+int enumerate_machines(sd_bus*, const char*, void* userdata, char*** nodes, sd_bus_error*)
+{
+    auto* service = static_cast<Service*>(userdata);
+    const auto machines = service->supervisor().list();
+    auto** out = static_cast<char**>(std::calloc(machines.size() + 1, sizeof(char*)));
+    if (out == nullptr) {
+        return -ENOMEM;
+    }
+    std::size_t n = 0;
+    for (const auto& m : machines) {
+        out[n] = ::strdup(Service::machine_path(m.name).c_str());
+        if (out[n] == nullptr) {
+            for (std::size_t i = 0; i < n; ++i) {
+                std::free(out[i]);
+            }
+            std::free(out);
+            return -ENOMEM;
+        }
+        ++n;
+    }
+    *nodes = out;
+    return 1;
+}
+
+} // namespace
+
+Service::Service(asio::io_context& ioc, daemon::Supervisor& supervisor, std::unique_ptr<Bus> bus,
+                 ServiceOptions options)
+    : ioc_(ioc), supervisor_(supervisor), bus_(std::move(bus)), options_(std::move(options))
+{
+    sd_bus* b = bus_->get();
+    auto add = [this](int r, sd_bus_slot* slot, const char* what) {
+        if (r < 0) {
+            spdlog::error("D-Bus: cannot add {}: {}", what, std::strerror(-r));
+            return;
+        }
+        slots_.push_back(slot);
+    };
+    sd_bus_slot* slot = nullptr;
+    add(sd_bus_add_object_vtable(b, &slot, manager_path, manager_interface, manager_vtable(), this),
+        slot, "the Manager");
+    slot = nullptr;
+    add(sd_bus_add_fallback_vtable(b, &slot, machine_prefix, machine_interface, machine_vtable(),
+                                   find_machine, this),
+        slot, "the Machine objects");
+    slot = nullptr;
+    add(sd_bus_add_node_enumerator(b, &slot, machine_prefix, enumerate_machines, this), slot,
+        "the machine enumerator");
+    slot = nullptr;
+    add(sd_bus_add_object_manager(b, &slot, manager_path), slot, "the ObjectManager");
+    listener_ = supervisor_.events().listen([this](const daemon::Event& e) { on_event(e); });
+}
+
+Service::~Service()
+{
+    supervisor_.events().unlisten(listener_);
+    for (sd_bus_slot* s : slots_) {
+        sd_bus_slot_unref(s);
+    }
+    bus_->close();
+}
+
+void Service::start()
+{
+    bus_->request_name(bus_name);
+}
+
+std::string Service::machine_path(std::string_view name)
+{
+    char* path = nullptr;
+    const std::string n(name);
+    if (sd_bus_path_encode(machine_prefix, n.c_str(), &path) < 0 || path == nullptr) {
+        return std::string(machine_prefix) + "/_";
+    }
+    std::string out(path);
+    std::free(path);
+    return out;
+}
+
+int Service::set_error(const Error& e, sd_bus_error* error)
+{
+    const auto& info = daemon::error_info(e);
+    const std::string name(info.dbus_name);
+    std::string message = e.message;
+    if (!e.qmp_class.empty()) {
+        // QMP's own class and description, as the REST problem's `class` and `desc`.
+        message = fmt::format("{}: {}", e.qmp_class, e.qmp_desc);
+    }
+    return sd_bus_error_set(error, name.c_str(), message.c_str());
+}
+
+int Service::authorize(sd_bus_message* m, sd_bus_error* error)
+{
+    const char* sender = sd_bus_message_get_sender(m);
+    const std::string key = sender != nullptr ? sender : "";
+    auto it = peers_.find(key);
+    if (it == peers_.end() || key.empty()) {
+        // One round trip to the bus daemon per client connection (GetConnectionCredentials),
+        // then the verdict is remembered: unique names are never reused on a bus.
+        sd_bus_creds* creds = nullptr;
+        const int r = sd_bus_query_sender_creds(
+            m,
+            SD_BUS_CREDS_UID | SD_BUS_CREDS_EUID | SD_BUS_CREDS_GID |
+                SD_BUS_CREDS_SUPPLEMENTARY_GIDS | SD_BUS_CREDS_PID | SD_BUS_CREDS_AUGMENT,
+            &creds);
+        if (r < 0) {
+            return sd_bus_error_set_errnof(error, -r, "cannot read the caller's credentials: %s",
+                                           std::strerror(-r));
+        }
+        uid_t uid = 0;
+        if (sd_bus_creds_get_euid(creds, &uid) < 0 && sd_bus_creds_get_uid(creds, &uid) < 0) {
+            uid = static_cast<uid_t>(-1);
+        }
+        pid_t pid = 0;
+        (void)sd_bus_creds_get_pid(creds, &pid);
+        Peer peer;
+        peer.allowed = uid == 0 || uid == ::geteuid();
+        if (!peer.allowed && options_.admin_group) {
+            gid_t gid = 0;
+            if (sd_bus_creds_get_gid(creds, &gid) >= 0 && gid == *options_.admin_group) {
+                peer.allowed = true;
+            }
+            const gid_t* gids = nullptr;
+            const int n = sd_bus_creds_get_supplementary_gids(creds, &gids);
+            for (int i = 0; i < n && !peer.allowed; ++i) {
+                peer.allowed = gids[i] == *options_.admin_group;
+            }
+        }
+        sd_bus_creds_unref(creds);
+        peer.who = fmt::format("dbus={} uid={} pid={}", key,
+                               uid == static_cast<uid_t>(-1) ? std::string("?")
+                                                             : std::to_string(uid),
+                               pid);
+        if (peers_.size() >= 4096) {
+            peers_.clear(); // bounded; a verdict costs one more round trip to find again
+        }
+        it = peers_.insert_or_assign(key, std::move(peer)).first;
+    }
+    if (!it->second.allowed) {
+        return sd_bus_error_set(error, "org.qmachined1.Error.AccessDenied",
+                                "only root, qmachined's user and the qmachined group may do this");
+    }
+    return 1;
+}
+
+std::string Service::caller(sd_bus_message* m) const
+{
+    const char* sender = sd_bus_message_get_sender(m);
+    if (auto it = peers_.find(sender != nullptr ? sender : ""); it != peers_.end()) {
+        return it->second.who;
+    }
+    return fmt::format("dbus={}", sender != nullptr ? sender : "?");
+}
+
+int Service::reply_later(sd_bus_message* m, awaitable<expected<BodyWriter>> work)
+{
+    sd_bus_message_ref(m);
+    asio::co_spawn(ioc_, run_later(m, std::move(work)), [](const std::exception_ptr& e) {
+        if (e) {
+            spdlog::error("Failed to answer a D-Bus call: {}", describe_exception(e));
+        }
+    });
+    return 1;
+}
+
+awaitable<void> Service::run_later(sd_bus_message* m, awaitable<expected<BodyWriter>> work)
+{
+    const std::weak_ptr<int> life = life_;
+    expected<BodyWriter> result = fail(errc::internal, "no answer");
+    try {
+        result = co_await std::move(work);
+    } catch (const std::exception& e) {
+        result = fail(errc::internal, e.what());
+    }
+    if (life.expired()) {
+        sd_bus_message_unref(m);
+        co_return; // the front end is gone with its bus: nobody to answer
+    }
+    int r = 0;
+    if (!result) {
+        sd_bus_error error = SD_BUS_ERROR_NULL;
+        set_error(result.error(), &error);
+        r = sd_bus_reply_method_error(m, &error);
+        sd_bus_error_free(&error);
+    } else if (!*result) {
+        r = sd_bus_reply_method_return(m, nullptr);
+    } else {
+        sd_bus_message* reply = nullptr;
+        r = sd_bus_message_new_method_return(m, &reply);
+        if (r >= 0) {
+            r = (*result)(reply);
+        }
+        if (r >= 0) {
+            r = sd_bus_send(nullptr, reply, nullptr);
+        }
+        sd_bus_message_unref(reply);
+    }
+    if (r < 0) {
+        spdlog::debug("D-Bus: cannot answer {}.{}: {}", sd_bus_message_get_interface(m),
+                      sd_bus_message_get_member(m), std::strerror(-r));
+    }
+    sd_bus_message_unref(m);
+    bus_->schedule();
+}
+
+void Service::on_event(const daemon::Event& e)
+{
+    sd_bus* b = bus_->get();
+    if (b == nullptr || e.machine().empty()) {
+        return;
+    }
+    const std::string name(e.machine());
+    const std::string path = machine_path(name);
+    const std::string_view event = e.name();
+    if (event == daemon::event_names::machine_created) {
+        sd_bus_emit_signal(b, manager_path, manager_interface, "MachineNew", "so", name.c_str(),
+                           path.c_str());
+        sd_bus_emit_interfaces_added(b, path.c_str(), machine_interface, nullptr);
+    } else if (event == daemon::event_names::machine_removed) {
+        sd_bus_emit_signal(b, manager_path, manager_interface, "MachineRemoved", "so", name.c_str(),
+                           path.c_str());
+        sd_bus_emit_interfaces_removed(b, path.c_str(), machine_interface, nullptr);
+    } else if (e.is_qmp()) {
+        const std::string data = json::to_string(e.data());
+        sd_bus_emit_signal(b, path.c_str(), machine_interface, "QmpEvent", "tsst", e.seq(),
+                           std::string(event).c_str(), data.c_str(),
+                           static_cast<std::uint64_t>(e.timestamp_us()));
+    } else {
+        // A state change, an update, a re-attach, a scheduled restart: the properties that
+        // follow the model (those flagged to emit changes).
+        sd_bus_emit_properties_changed_strv(b, path.c_str(), machine_interface, nullptr);
+    }
+    bus_->schedule();
+}
+
+} // namespace qm::dbus
