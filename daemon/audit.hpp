@@ -28,11 +28,11 @@ Caller unix_socket_caller(int fd);
 Caller tcp_caller(std::string_view address, std::uint16_t port);
 
 // The audit line: `audit: op=start machine=web1 result=ok caller="uid=0 pid=123"`. `op` is the
-// operation (create, update, delete, start, stop, kill, pause, resume, restart, qmp:<command>),
-// `result` is ok or the error's name from proto/errors.json (Forbidden, StateConflict, ...). A
-// value that is empty or holds a space, '"', '\\', '=' or a byte outside printable ASCII is quoted,
-// with C escapes inside (a name from a URL cannot forge a second line or field); values are cut
-// at 256 bytes.
+// operation (create, update, delete, start, stop, kill, pause, resume, restart, qmp:<command>,
+// console-write), `result` is ok or the error's name from proto/errors.json (Forbidden,
+// StateConflict, ...). A value that is empty or holds a space, '"', '\\', '=' or a byte outside
+// printable ASCII is quoted, with C escapes inside (a name from a URL cannot forge a second line
+// or field); values are cut at 256 bytes.
 std::string audit_line(const Caller& caller, std::string_view op, std::string_view machine,
                        std::string_view result);
 // Logs audit_line() through spdlog at info.

@@ -216,6 +216,7 @@ std::string_view audited_op(Route route)
     case Route::machines_list:
     case Route::machine_get:
     case Route::log:
+    case Route::console:
     case Route::console_log:
     case Route::console_wait:
     case Route::events_wait:
@@ -250,6 +251,12 @@ Response problem_response(const Problem& p)
     r.problem = p.name;
     if (p.status == 401) {
         r.headers.emplace_back("WWW-Authenticate", "Bearer realm=\"qmachined\"");
+    }
+    if (p.status == 426) {
+        // RFC 9110 15.5.22: a 426 names the protocol to upgrade to (our only one: RFC 6455);
+        // 7.8: whoever sends Upgrade lists it in Connection too (the session keeps the token).
+        r.headers.emplace_back("Upgrade", "websocket");
+        r.headers.emplace_back("Connection", "Upgrade");
     }
     return r;
 }
@@ -341,6 +348,9 @@ awaitable<Response> Api::dispatch(RouteMatch m, Request req)
     case Route::console_log:
         bad_query = check_query(m.query, {"tail"});
         break;
+    case Route::console:
+        bad_query = check_query(m.query, {"mode"});
+        break;
     case Route::events:
         break; // `event` is repeatable: events() checks its own query
     default:
@@ -392,6 +402,9 @@ awaitable<Response> Api::dispatch(RouteMatch m, Request req)
         break;
     case Route::console_wait:
         r = co_await console_wait(m.name, std::move(req));
+        break;
+    case Route::console:
+        r = co_await console(m.name, std::move(m.query), std::move(req));
         break;
     case Route::start:
     case Route::stop:
@@ -920,6 +933,53 @@ awaitable<Response> Api::console_wait(std::string name, Request req)
     d.AddMember("output",
                 json::Value(text.c_str(), static_cast<rapidjson::SizeType>(text.size()), a), a);
     co_return json_response(200, json::to_string(d));
+}
+
+awaitable<Response> Api::console(std::string name, Query query, Request req)
+{
+    bool write = false;
+    if (const std::string* mode = query_value(query, "mode")) {
+        if (*mode == "write") {
+            write = true;
+        } else if (*mode != "read") {
+            co_return bad_request("mode must be \"read\" or \"write\"", "mode");
+        }
+    }
+    if (auto known = supervisor_.inspect(name); !known) {
+        co_return problem_response(make_problem(known.error()));
+    }
+    if (!req.websocket) {
+        co_return problem_response(make_problem(
+            HttpProblem::upgrade_required,
+            fmt::format("the console of '{}' is a WebSocket: ask for the upgrade (Upgrade: "
+                        "websocket, Connection: Upgrade; RFC 6455 4.1)",
+                        name)));
+    }
+    auto attached = co_await supervisor_.console_attach(name, options_.console_stream.history);
+    if (!attached) {
+        co_return problem_response(make_problem(attached.error()));
+    }
+    std::shared_ptr<daemon::ConsoleSession> session = std::move(*attached);
+    const ConsoleStreamOptions stream_options = options_.console_stream;
+    Response r;
+    r.status = 101;
+    if (write) {
+        auto claimed = session->claim_writer();
+        daemon::audit(req.caller, "console-write", name,
+                      claimed ? std::string_view("ok") : daemon::error_info(claimed.error()).name);
+        if (!claimed) {
+            // Refused once upgraded, not with 409: a browser's WebSocket reports a close code and
+            // reason, and never the status of a refused handshake. The session goes now.
+            r.stream = [reason = claimed.error().message, stream_options](StreamConnection& c) {
+                return refuse_console(c, ConsoleClose::writer_busy, reason, stream_options);
+            };
+            co_return r;
+        }
+    }
+    r.stream = [session, stream_options](StreamConnection& c) {
+        return serve_console(c, session, stream_options);
+    };
+    co_return r;
 }
 
 } // namespace qm::rest

@@ -13,6 +13,7 @@
 
 #include "daemon/audit.hpp"
 #include "daemon/log_tail.hpp"
+#include "daemon/rest/console_stream.hpp"
 #include "daemon/rest/problem.hpp"
 #include "daemon/rest/router.hpp"
 #include "daemon/rest/stream.hpp"
@@ -79,13 +80,15 @@ struct ApiOptions
     // Event streams open at once (GET /v1/events); more are refused with 429.
     std::size_t max_subscribers = 1024;
     EventStreamOptions event_stream{};
+    ConsoleStreamOptions console_stream{};
 };
 
 // Owned by the daemon; loop thread only; holds the supervisor by reference (it outlives the Api).
 // Every failure is a response (a problem), never an exception; an exception that escapes a handler
 // is a bug, answered 500 Internal by the session. Every request on a mutating route (create,
 // update, delete, the actions, qmp) is audited once it completed (daemon/audit.hpp), failures and
-// exceptions included; GETs are not.
+// exceptions included; GETs are not, but for a console WebSocket that asks to write
+// (console-write, audited when it is granted or refused).
 class Api
 {
 public:
@@ -113,6 +116,7 @@ private:
     Response events(const Query& query, const Request& req);
     awaitable<Response> events_wait(std::string name, Request req);
     awaitable<Response> console_wait(std::string name, Request req);
+    awaitable<Response> console(std::string name, Query query, Request req);
 
     daemon::Supervisor& supervisor_;
     ApiOptions options_;

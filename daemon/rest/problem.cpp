@@ -24,6 +24,7 @@ constexpr std::array http_problems{
                     "Request body too large"},
     HttpProblemInfo{HttpProblem::unsupported_media_type, "UnsupportedMediaType", 415,
                     "Unsupported media type"},
+    HttpProblemInfo{HttpProblem::upgrade_required, "UpgradeRequired", 426, "Upgrade required"},
     HttpProblemInfo{HttpProblem::header_fields_too_large, "HeaderFieldsTooLarge", 431,
                     "Request header too large"},
 };

@@ -19,6 +19,7 @@ enum class HttpProblem {
     request_timeout,        // 408: the request did not arrive in time
     payload_too_large,      // 413: the body is over the limit
     unsupported_media_type, // 415: a body that is not JSON
+    upgrade_required,       // 426: a WebSocket route asked without the upgrade
     header_fields_too_large // 431: the header is over the limit
 };
 

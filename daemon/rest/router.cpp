@@ -28,6 +28,7 @@ constexpr std::array route_table{
     RouteInfo{Route::restart, "POST", "/v1/machines/{name}/restart", "machine.restart"},
     RouteInfo{Route::qmp, "POST", "/v1/machines/{name}/qmp", "machine.qmp"},
     RouteInfo{Route::log, "GET", "/v1/machines/{name}/log", "machine.log"},
+    RouteInfo{Route::console, "GET", "/v1/machines/{name}/console", "machine.console"},
     RouteInfo{Route::console_log, "GET", "/v1/machines/{name}/console/log", "machine.console.log"},
     RouteInfo{Route::console_wait, "POST", "/v1/machines/{name}/console/wait",
               "machine.console.wait"},

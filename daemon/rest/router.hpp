@@ -32,6 +32,7 @@ enum class Route {
     restart,
     qmp,
     log,
+    console,
     console_log,
     console_wait,
     events_wait,

@@ -204,6 +204,8 @@ struct Supervisor::Entry
     std::string shutdown_reason;
     // Woken (cancelled) at every change: job end, state change.
     std::list<std::shared_ptr<asio::steady_timer>> waiters;
+    // Which console session may write to the machine's console (console_attach()).
+    std::shared_ptr<ConsoleWriterPlace> console_writer = std::make_shared<ConsoleWriterPlace>();
 
     void notify()
     {
@@ -1926,6 +1928,33 @@ expected<std::pair<std::string, std::uint64_t>> Supervisor::console_output(std::
         return fail(errc::invalid_state, fmt::format("'{}' has no console output", name));
     }
     return std::make_pair(e.machine->console_output(from), e.machine->console_offset());
+}
+
+awaitable<expected<std::shared_ptr<ConsoleSession>>>
+Supervisor::console_attach(std::string name, std::size_t history)
+{
+    auto found = open_entry(name);
+    if (!found) {
+        co_return fail(found.error());
+    }
+    auto e = std::move(*found);
+    if (auto ok = console_available(name, e->machine.get(), e->state); !ok) {
+        co_return fail(ok.error());
+    }
+    auto machine = e->machine;
+    if (auto ready = co_await machine->ensure_console(); !ready) {
+        co_return fail(ready.error());
+    }
+    // The connect may have waited: the machine may have stopped, or started again, meanwhile.
+    auto console = machine->console();
+    if (e->machine != machine || !has_process(e->state) || console == nullptr ||
+        console->is_closed()) {
+        co_return fail(errc::invalid_state,
+                       fmt::format("'{}' is {}: its console is closed", name, qm::to_string(e->state)));
+    }
+    auto reader = console->follow(history);
+    co_return std::make_shared<ConsoleSession>(name, std::move(console), std::move(reader),
+                                               e->console_writer);
 }
 
 awaitable<expected<Event>> Supervisor::wait_event(std::string name, EventSelector selector,

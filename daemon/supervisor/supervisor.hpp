@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "daemon/metrics.hpp"
+#include "daemon/supervisor/console_session.hpp"
 #include "daemon/supervisor/events.hpp"
 #include "daemon/supervisor/qmp_policy.hpp"
 #include "daemon/supervisor/record.hpp"
@@ -201,6 +202,13 @@ public:
     // The recent output (the ring) from offset `from`, and the offset after it.
     expected<std::pair<std::string, std::uint64_t>> console_output(std::string_view name,
                                                                    std::uint64_t from = 0) const;
+    // A live view of the console of a machine with a process and a console (else StateConflict,
+    // also once its console closed: the machine is stopping): a reader that gets the newest
+    // `history` bytes of the ring, then every byte as it comes, buffering at most about `history`
+    // bytes for a client that falls behind. The session may claim the machine's one writer place.
+    // ShuttingDown once the daemon goes down.
+    awaitable<expected<std::shared_ptr<ConsoleSession>>> console_attach(std::string name,
+                                                                        std::size_t history);
 
     // The first event of machine `name` matching `selector` (its machine is set to `name`) after
     // `since` (from now without it). errc::timeout when none came in time.

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
-// qm::Console: the console connection, its ring, its writers and pattern waiters, and the bound
-// on QEMU's console log.
+// qm::Console: the console connection, its ring, its writers, pattern waiters and readers, and the
+// bound on QEMU's console log.
 #include "libmachine/machine/console.hpp"
 
 #include <fcntl.h>
@@ -227,12 +227,15 @@ awaitable<expected<void>> Console::connect(std::string path)
     co_return expected<void>{};
 }
 
-void Console::close()
+void Console::close(std::string why)
 {
     if (state_ == State::closed) {
         return;
     }
     state_ = State::closed;
+    if (!why.empty()) {
+        why_closed_ = std::move(why);
+    }
     if (why_closed_.empty()) {
         why_closed_ = "the console was closed";
     }
@@ -244,6 +247,9 @@ void Console::close()
     }
     writes_.clear();
     wake_all();
+    for (ConsoleReader* r : readers_) {
+        r->wake();
+    }
 }
 
 void Console::drain()
@@ -309,6 +315,9 @@ void Console::on_data(const char* data, std::size_t n)
 {
     total_ += n;
     log_estimate_ += n;
+    for (ConsoleReader* r : readers_) {
+        r->take(data, n);
+    }
     const std::size_t cap = options_.ring_size;
     if (cap == 0) {
         buf_begin_ = total_;
@@ -472,6 +481,18 @@ Console::wait(ConsolePattern pattern, std::chrono::milliseconds timeout, std::ui
                                               w->pattern.text(), timeout.count()));
 }
 
+std::shared_ptr<ConsoleReader> Console::follow(std::size_t limit)
+{
+    // Not make_shared: the constructor is private.
+    std::shared_ptr<ConsoleReader> r(new ConsoleReader(shared_from_this(), limit));
+    const std::uint64_t begin = ring_begin();
+    const std::uint64_t from = total_ - begin > r->limit_ ? total_ - r->limit_ : begin;
+    r->buf_ = output(from);
+    r->offset_ = total_ - r->buf_.size();
+    readers_.push_back(r.get());
+    return r;
+}
+
 void Console::check_log(bool force, std::size_t last_read)
 {
     if (options_.log_path.empty() || options_.log_max == 0) {
@@ -515,6 +536,91 @@ void Console::rotate_log(std::uint64_t size, unsigned mode)
     ++log_rotations_;
     spdlog::debug("console[{}]: log '{}' reached {} bytes: kept as '{}', truncated", options_.name,
                   options_.log_path, size, old);
+}
+
+//---- ConsoleReader ----------------------------------------------------------------------------
+
+ConsoleReader::ConsoleReader(std::shared_ptr<Console> console, std::size_t limit)
+    : console_(std::move(console))
+    , limit_(std::max<std::size_t>(limit, 1))
+    , timer_(console_->ex_)
+{}
+
+ConsoleReader::~ConsoleReader()
+{
+    cancel();
+}
+
+void ConsoleReader::cancel()
+{
+    if (cancelled_) {
+        return;
+    }
+    cancelled_ = true;
+    console_->readers_.remove(this);
+    std::string().swap(buf_); // its memory goes now, not when the last reference does
+    wake();
+}
+
+void ConsoleReader::wake()
+{
+    if (waiting_) {
+        timer_.cancel();
+    }
+}
+
+void ConsoleReader::take(const char* data, std::size_t n)
+{
+    buf_.append(data, n);
+    // As the ring: some slack, so that dropping costs O(1) per byte on average for a reader that
+    // stays behind.
+    const std::size_t slack = std::max<std::size_t>(limit_ / 4, 1);
+    if (buf_.size() > limit_ + slack) {
+        const std::size_t drop = buf_.size() - limit_;
+        buf_.erase(0, drop);
+        offset_ += drop;
+        lost_ += drop;
+    }
+    wake();
+}
+
+awaitable<expected<ConsoleChunk>> ConsoleReader::next(std::size_t max,
+                                                      std::chrono::milliseconds timeout)
+{
+    auto self = shared_from_this();
+    if (waiting_) {
+        co_return fail(errc::invalid_state, "console reader: another next() is pending");
+    }
+    const auto deadline = timeout == std::chrono::milliseconds::max()
+                              ? asio::steady_timer::time_point::max()
+                              : asio::steady_timer::clock_type::now() + timeout;
+    while (buf_.empty() && lost_ == 0 && !cancelled_ && !console_->is_closed() &&
+           asio::steady_timer::clock_type::now() < deadline) {
+        waiting_ = true;
+        timer_.expires_at(deadline);
+        error_code ec;
+        co_await timer_.async_wait(use_ec(ec));
+        waiting_ = false;
+    }
+    if (cancelled_) {
+        co_return fail(errc::invalid_state, "console reader cancelled");
+    }
+    if (!buf_.empty() || lost_ > 0) {
+        const std::size_t n = max == 0 ? buf_.size() : std::min(max, buf_.size());
+        ConsoleChunk chunk;
+        chunk.bytes = buf_.substr(0, n);
+        chunk.offset = offset_;
+        chunk.lost = lost_;
+        buf_.erase(0, n);
+        offset_ += n;
+        lost_ = 0;
+        co_return chunk;
+    }
+    if (console_->is_closed()) {
+        co_return fail(errc::invalid_state, "console: " + console_->why_closed_);
+    }
+    co_return fail(errc::timeout,
+                   fmt::format("console: no output within {} ms", timeout.count()));
 }
 
 } // namespace qm

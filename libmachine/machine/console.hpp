@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 // qm::Console: one connection to a machine's console socket (the seed's ConsoleSocket): draining
-// into a bounded ring, writing, waiting for a pattern, and bounding QEMU's console log.
+// into a bounded ring, writing, waiting for a pattern, followers of the live output
+// (ConsoleReader), and bounding QEMU's console log.
 #pragma once
 
 #include <chrono>
@@ -68,6 +69,67 @@ struct ConsoleMatch
     std::uint64_t end = 0;
 };
 
+// What ConsoleReader::next() returns: the next bytes of the output, in order.
+struct ConsoleChunk
+{
+    std::string bytes;
+    // The console offset of bytes' first byte.
+    std::uint64_t offset = 0;
+    // Bytes of output the reader missed right before `offset`: it fell behind by more than its
+    // bound, and the oldest were dropped for it. 0 unless it reads too slowly.
+    std::uint64_t lost = 0;
+};
+
+class Console;
+
+// A follower of a console's live output (Console::follow()), for a client that watches it: it gets
+// every byte the console receives from its creation on, after the newest bytes the ring held then.
+// Its own buffer is bounded: a reader that falls more than `limit` bytes behind loses the oldest
+// (next() says how many) rather than holding the console's memory hostage. Any number of readers
+// may follow one console; each costs nothing while it keeps up. Created by shared_ptr and held by
+// its user, who calls cancel() when done (or drops it). Loop thread only; one next() at a time.
+//
+// Errors: errc::invalid_state (the console ended and every byte was read, with its reason; the
+// reader was cancelled; a second concurrent next()), errc::timeout (next()).
+class ConsoleReader : public std::enable_shared_from_this<ConsoleReader>
+{
+public:
+    ~ConsoleReader();
+    ConsoleReader(const ConsoleReader&) = delete;
+    ConsoleReader& operator=(const ConsoleReader&) = delete;
+
+    // The bytes waiting for this reader, at most `max` (0: all of them), and how many it lost
+    // before them; waits for output when none is waiting, at most `timeout` (milliseconds::max():
+    // for ever). Bytes received before the console ended are given before the end is reported.
+    awaitable<expected<ConsoleChunk>>
+    next(std::size_t max, std::chrono::milliseconds timeout = std::chrono::milliseconds::max());
+    // Stops following: a pending next() completes with errc::invalid_state, and so does every
+    // later call. Idempotent.
+    void cancel();
+    bool cancelled() const noexcept { return cancelled_; }
+    // The console offset of the next byte next() returns.
+    std::uint64_t offset() const noexcept { return offset_; }
+    // Bytes waiting for this reader.
+    std::size_t pending() const noexcept { return buf_.size(); }
+
+private:
+    friend class Console;
+    ConsoleReader(std::shared_ptr<Console> console, std::size_t limit);
+    // The console received `n` bytes.
+    void take(const char* data, std::size_t n);
+    void wake();
+
+    std::shared_ptr<Console> console_;
+    std::size_t limit_;
+    // Bytes [offset_, offset_ + buf_.size()) of the output, not yet returned.
+    std::string buf_;
+    std::uint64_t offset_ = 0;
+    std::uint64_t lost_ = 0;
+    bool cancelled_ = false;
+    bool waiting_ = false;
+    asio::steady_timer timer_;
+};
+
 struct ConsoleOptions
 {
     // For debug messages.
@@ -102,6 +164,7 @@ struct ConsoleOptions
 //
 // Errors: errc::connect_failed (connect), errc::invalid_state (not connected, closed, the
 // connection ended before a match, no ring), errc::timeout (wait), errc::invalid_argument (regex).
+// ConsoleReader has its own.
 class Console : public std::enable_shared_from_this<Console>
 {
 public:
@@ -113,12 +176,15 @@ public:
     // Connects to the unix socket at `path` and starts draining it. The log is bounded at once.
     // A call while another connects completes with that attempt's outcome.
     awaitable<expected<void>> connect(std::string path);
-    // Ends the connection (idempotent). Pending writes and waits fail with errc::invalid_state;
-    // the ring stays readable.
-    void close();
+    // Ends the connection (idempotent). Pending writes and waits fail with errc::invalid_state
+    // (saying `why`, when given: "the machine is stopping"); readers get what they have not read
+    // yet, then the same; the ring stays readable.
+    void close(std::string why = {});
     bool is_connected() const noexcept { return state_ == State::connected; }
     // Closed for good (by close(), or the connection ended): a new connection needs a new Console.
     bool is_closed() const noexcept { return state_ == State::closed; }
+    // Why it closed ("the machine is stopping", "QEMU exited", ...); empty while it is not.
+    const std::string& why_closed() const noexcept { return why_closed_; }
     // Reads what the socket already holds, without waiting (at most 1 MiB): the last words of a
     // peer that has gone, before close().
     void drain();
@@ -138,10 +204,18 @@ public:
     awaitable<expected<ConsoleMatch>>
     wait(ConsolePattern pattern, std::chrono::milliseconds timeout, std::uint64_t from = 0);
 
+    // A new follower of the output (see ConsoleReader): its first bytes are the newest the ring
+    // holds now (at most `limit`), then everything that arrives. It buffers at most about `limit`
+    // bytes (limit + limit / 4 + one read) for a reader that falls behind. Allowed in every state:
+    // a closed console's reader gets the ring, then the end.
+    std::shared_ptr<ConsoleReader> follow(std::size_t limit);
+    std::size_t reader_count() const noexcept { return readers_.size(); }
+
     // How many times the log was rotated (for tests and statistics).
     unsigned log_rotations() const noexcept { return log_rotations_; }
 
 private:
+    friend class ConsoleReader;
     enum class State { idle, connecting, connected, closed };
     struct Waiter;
     struct WriteRequest;
@@ -175,6 +249,9 @@ private:
 
     std::list<std::shared_ptr<Waiter>> waiters_;
     std::list<std::shared_ptr<WriteRequest>> writes_; // not a deque: nothing allocated while empty
+    // The readers following the output (each removes itself when cancelled or destroyed; each
+    // holds the console alive).
+    std::list<ConsoleReader*> readers_;
 };
 
 } // namespace qm

@@ -891,7 +891,7 @@ void Machine::detach() noexcept
         client_->close();
     }
     if (console_) {
-        console_->close();
+        console_->close("the machine was let go (QEMU keeps running)");
     }
     listener_.reset();
     remove_files_.clear(); // QEMU still serves its sockets
@@ -910,7 +910,7 @@ void Machine::early_cleanup()
         if (exit_status_) {
             console_->drain();
         }
-        console_->close();
+        console_->close(exit_status_ ? "QEMU exited" : "the machine is stopping");
     }
 }
 

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 // qm::Console against a unix socket the test serves in QEMU's place: the ring and offsets,
 // substring and regex waits split at every byte, timeouts, the end of the connection, ordered
-// writes, and the bound on the console log (the test appends to the log as QEMU would).
+// writes, readers following the output (history first, bounded for slow readers, the end, cancel),
+// and the bound on the console log (the test appends to the log as QEMU would).
 #include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -15,6 +16,7 @@
 #include <optional>
 #include <string>
 
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include "libmachine/asio.hpp"
@@ -40,16 +42,18 @@ std::string read_file(const fs::path& path)
     return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
 }
 
-// A wait() running on the loop while the test feeds the socket.
-struct PendingWait
+// An operation (a wait(), a reader's next()) running on the loop while the test feeds the socket.
+template <typename T>
+struct Pending
 {
     bool done = false;
-    std::optional<expected<ConsoleMatch>> result;
+    std::optional<expected<T>> result;
 };
 
-awaitable<void> store_wait(awaitable<expected<ConsoleMatch>> wait, std::shared_ptr<PendingWait> p)
+template <typename T>
+awaitable<void> store(awaitable<expected<T>> op, std::shared_ptr<Pending<T>> p)
 {
-    p->result.emplace(co_await std::move(wait));
+    p->result.emplace(co_await std::move(op));
 }
 
 class ConsoleTest : public testing::Test
@@ -105,28 +109,41 @@ protected:
         ASSERT_EQ(console_->offset(), target);
     }
 
-    std::shared_ptr<PendingWait>
-    start_wait(ConsolePattern pattern, std::chrono::milliseconds timeout, std::uint64_t from = 0)
+    // Starts `op` and runs the loop until it waits (or completed at once).
+    template <typename T>
+    std::shared_ptr<Pending<T>> spawn(awaitable<expected<T>> op)
     {
-        auto p = std::make_shared<PendingWait>();
-        asio::co_spawn(ioc_, store_wait(console_->wait(std::move(pattern), timeout, from), p),
-                       [p](const std::exception_ptr& e) {
-                           p->done = true;
-                           if (e) {
-                               ADD_FAILURE() << "wait() threw";
-                           }
-                       });
+        auto p = std::make_shared<Pending<T>>();
+        asio::co_spawn(ioc_, store(std::move(op), p), [p](const std::exception_ptr& e) {
+            p->done = true;
+            if (e) {
+                ADD_FAILURE() << "the console operation threw";
+            }
+        });
         ioc_.restart();
-        ioc_.poll(); // it searches the ring and starts waiting
+        ioc_.poll();
         return p;
     }
 
-    expected<ConsoleMatch> finish(const std::shared_ptr<PendingWait>& p,
-                                  std::chrono::milliseconds deadline = 10s)
+    std::shared_ptr<Pending<ConsoleMatch>>
+    start_wait(ConsolePattern pattern, std::chrono::milliseconds timeout, std::uint64_t from = 0)
+    {
+        return spawn(console_->wait(std::move(pattern), timeout, from));
+    }
+
+    std::shared_ptr<Pending<ConsoleChunk>> start_read(const std::shared_ptr<ConsoleReader>& reader,
+                                                      std::size_t max = 0,
+                                                      std::chrono::milliseconds timeout = 60s)
+    {
+        return spawn(reader->next(max, timeout));
+    }
+
+    template <typename T>
+    expected<T> finish(const std::shared_ptr<Pending<T>>& p, std::chrono::milliseconds deadline = 10s)
     {
         if (!run_until(
                 ioc_, [&] { return p->done; }, deadline)) {
-            ADD_FAILURE() << "wait() did not finish";
+            ADD_FAILURE() << "the console operation did not finish";
             return fail(errc::timeout, "test deadline");
         }
         return std::move(*p->result);
@@ -379,6 +396,198 @@ TEST_F(ConsoleTest, RingSizeZeroKeepsNothingButCountsAndRefusesWaits)
     auto r = run_co(ioc_, console_->wait("ready", 1s));
     ASSERT_FALSE(r);
     EXPECT_TRUE(r.error().is(errc::invalid_state)) << describe(r.error());
+}
+
+TEST_F(ConsoleTest, ReadersGetTheRecentOutputFirstThenEveryByteInOrder)
+{
+    ConsoleOptions options;
+    options.ring_size = 16;
+    start(options);
+    feed("0123456789abcdefghij");
+    auto a = console_->follow(1024);
+    auto b = console_->follow(4); // a smaller bound: only the newest 4 bytes of the ring
+    EXPECT_EQ(console_->reader_count(), 2U);
+    EXPECT_EQ(a->offset(), 4U);
+    auto first = finish(start_read(a));
+    ASSERT_TRUE(first) << describe(first.error());
+    EXPECT_EQ(first->bytes, "456789abcdefghij");
+    EXPECT_EQ(first->offset, 4U);
+    EXPECT_EQ(first->lost, 0U);
+    auto newest = finish(start_read(b));
+    ASSERT_TRUE(newest) << describe(newest.error());
+    EXPECT_EQ(newest->bytes, "ghij");
+    EXPECT_EQ(newest->offset, 16U);
+    EXPECT_EQ(newest->lost, 0U) << "the history's start is not a loss";
+    b->cancel();
+    auto c = console_->follow(1024);
+    ASSERT_TRUE(finish(start_read(c))); // its history
+
+    // Then every byte, split at every position, to both readers; `max` bounds a chunk.
+    const std::string text = "qmtest: hello\r\nqmtest: ready\r\n";
+    for (std::size_t split = 0; split <= text.size(); ++split) {
+        SCOPED_TRACE(split);
+        const std::uint64_t from = console_->offset();
+        auto pending = start_read(a);
+        EXPECT_FALSE(pending->done) << "nothing new yet: it waits";
+        if (split > 0) {
+            feed(text.substr(0, split));
+        }
+        if (split < text.size()) {
+            feed(text.substr(split));
+        }
+        auto got = finish(pending);
+        ASSERT_TRUE(got) << describe(got.error());
+        EXPECT_EQ(got->offset, from);
+        std::string all = got->bytes;
+        while (all.size() < text.size()) {
+            auto more = finish(start_read(a));
+            ASSERT_TRUE(more) << describe(more.error());
+            EXPECT_EQ(more->offset, from + all.size());
+            all += more->bytes;
+        }
+        EXPECT_EQ(all, text);
+        std::string small;
+        while (small.size() < text.size()) {
+            auto piece = finish(start_read(c, 5));
+            ASSERT_TRUE(piece) << describe(piece.error());
+            ASSERT_LE(piece->bytes.size(), 5U);
+            EXPECT_EQ(piece->lost, 0U);
+            small += piece->bytes;
+        }
+        EXPECT_EQ(small, text);
+    }
+    EXPECT_EQ(a->offset(), console_->offset());
+    EXPECT_EQ(c->offset(), console_->offset());
+}
+
+TEST_F(ConsoleTest, ANextWithNothingNewTimesOutAndOnlyOneMayWait)
+{
+    start();
+    auto r = console_->follow(1024);
+    auto pending = start_read(r, 0, 60s);
+    auto second = run_co(ioc_, r->next(0, 1s));
+    ASSERT_FALSE(second);
+    EXPECT_TRUE(second.error().is(errc::invalid_state)) << describe(second.error());
+    feed("x");
+    auto got = finish(pending);
+    ASSERT_TRUE(got) << describe(got.error());
+    EXPECT_EQ(got->bytes, "x");
+    const auto t0 = std::chrono::steady_clock::now();
+    auto none = run_co(ioc_, r->next(0, 100ms));
+    ASSERT_FALSE(none);
+    EXPECT_TRUE(none.error().is(errc::timeout)) << describe(none.error());
+    EXPECT_GE(std::chrono::steady_clock::now() - t0, 100ms);
+}
+
+TEST_F(ConsoleTest, ASlowReaderLosesTheOldestBytesIsToldHowManyAndStaysBounded)
+{
+    start();
+    auto slow = console_->follow(100);
+    auto fast = console_->follow(100);
+    std::string all;
+    std::string fast_got;
+    for (int i = 0; i < 200; ++i) {
+        const std::string line = fmt::format("line {:03}\n", i); // 9 bytes, one read each
+        feed(line);
+        all += line;
+        // The bound holds whenever the reader falls behind: the limit, its slack, one read.
+        ASSERT_LE(slow->pending(), 100U + 25U + 4096U);
+        auto f = finish(start_read(fast));
+        ASSERT_TRUE(f) << describe(f.error());
+        EXPECT_EQ(f->lost, 0U) << "a reader that keeps up loses nothing";
+        fast_got += f->bytes;
+    }
+    EXPECT_EQ(fast_got, all);
+    auto got = finish(start_read(slow));
+    ASSERT_TRUE(got) << describe(got.error());
+    EXPECT_GT(got->lost, 0U);
+    EXPECT_GE(got->bytes.size(), 100U);
+    EXPECT_EQ(got->offset, got->lost) << "it lost everything before its first byte";
+    EXPECT_EQ(got->lost + got->bytes.size(), all.size());
+    EXPECT_EQ(got->bytes, all.substr(got->lost));
+    // Told once: the next chunk starts where this one ended.
+    feed("more");
+    auto after = finish(start_read(slow));
+    ASSERT_TRUE(after) << describe(after.error());
+    EXPECT_EQ(after->lost, 0U);
+    EXPECT_EQ(after->bytes, "more");
+}
+
+TEST_F(ConsoleTest, AReaderGetsWhatIsLeftThenTheEndWithItsReason)
+{
+    start();
+    auto r = console_->follow(1024);
+    auto pending = start_read(r, 3);
+    feed("last words");
+    console_->close("the machine is stopping");
+    auto first = finish(pending);
+    ASSERT_TRUE(first) << describe(first.error());
+    EXPECT_EQ(first->bytes, "las");
+    auto rest = finish(start_read(r));
+    ASSERT_TRUE(rest) << describe(rest.error());
+    EXPECT_EQ(rest->bytes, "t words");
+    auto end = finish(start_read(r));
+    ASSERT_FALSE(end);
+    EXPECT_TRUE(end.error().is(errc::invalid_state)) << describe(end.error());
+    EXPECT_NE(end.error().message.find("the machine is stopping"), std::string::npos)
+        << end.error().message;
+    EXPECT_EQ(console_->why_closed(), "the machine is stopping");
+    // A waiting reader is woken by the end of the connection, as waits are; a reader of a
+    // closed console gets the ring first.
+    auto late = console_->follow(1024);
+    auto ring = finish(start_read(late));
+    ASSERT_TRUE(ring) << describe(ring.error());
+    EXPECT_EQ(ring->bytes, "last words");
+    EXPECT_FALSE(run_co(ioc_, late->next(0, 60s), 5s));
+}
+
+TEST_F(ConsoleTest, TheEndOfTheConnectionWakesAWaitingReader)
+{
+    start();
+    auto r = console_->follow(1024);
+    auto pending = start_read(r);
+    ::shutdown(peer_, SHUT_RDWR);
+    auto end = finish(pending, 5s);
+    ASSERT_FALSE(end);
+    EXPECT_TRUE(end.error().is(errc::invalid_state)) << describe(end.error());
+    EXPECT_NE(end.error().message.find("QEMU closed it"), std::string::npos) << end.error().message;
+}
+
+TEST_F(ConsoleTest, CancelEndsAPendingNextAndStopsBuffering)
+{
+    start();
+    auto r = console_->follow(1024);
+    auto keeps = console_->follow(1024);
+    auto pending = start_read(r);
+    r->cancel();
+    auto end = finish(pending, 5s);
+    ASSERT_FALSE(end);
+    EXPECT_TRUE(end.error().is(errc::invalid_state)) << describe(end.error());
+    EXPECT_TRUE(r->cancelled());
+    EXPECT_EQ(console_->reader_count(), 1U);
+    feed("after");
+    EXPECT_EQ(r->pending(), 0U);
+    EXPECT_FALSE(run_co(ioc_, r->next(0, 1s)));
+    EXPECT_EQ(keeps->pending(), 5U);
+    keeps.reset(); // dropping a reader stops it too
+    EXPECT_EQ(console_->reader_count(), 0U);
+}
+
+TEST_F(ConsoleTest, RingSizeZeroStillFeedsReadersLive)
+{
+    ConsoleOptions options;
+    options.ring_size = 0;
+    start(options);
+    feed("before\n");
+    auto r = console_->follow(1024);
+    EXPECT_EQ(r->offset(), 7U);
+    auto pending = start_read(r);
+    EXPECT_FALSE(pending->done) << "no history without a ring";
+    feed("live\n");
+    auto got = finish(pending);
+    ASSERT_TRUE(got) << describe(got.error());
+    EXPECT_EQ(got->bytes, "live\n");
+    EXPECT_EQ(got->offset, 7U);
 }
 
 TEST_F(ConsoleTest, ConnectToAMissingSocketFailsAndMayBeRetried)

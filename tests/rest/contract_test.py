@@ -8,7 +8,9 @@
 # Usage: contract_test.py QMACHINED PROTO_DIR
 # Needs Debian's python3-yaml and python3-jsonschema (4.10: RefResolver, no `referencing`) and curl.
 
+import base64
 import datetime
+import hashlib
 import json
 import os
 import pathlib
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import struct
 import urllib.parse
 
 import jsonschema
@@ -29,6 +32,10 @@ METHODS = ['GET', 'POST', 'PUT', 'DELETE', 'PATCH', 'HEAD', 'OPTIONS']
 # Statuses every operation can answer (openapi.yaml's info.description).
 GENERIC_STATUSES = {'400', '401', '408', '413', '415', '429', '431', '500', '503'}
 SUCCESS = {'200', '201', '204'}
+# Operations that succeed by switching protocols (RFC 9110 15.2.2): 101 is their success.
+WEBSOCKET_OPERATIONS = {('/v1/machines/{name}/console', 'GET')}
+# RFC 6455 1.3: what the server appends to Sec-WebSocket-Key before hashing it.
+WEBSOCKET_GUID = '258EAFA5-E914-47DA-95CA-C5AB0DC85B11'
 MACHINE_SPEC = {'binary': 'qemu-system-x86_64', 'machine': 'none', 'console': {'enabled': False}}
 
 
@@ -150,6 +157,13 @@ class Contract:
         return names
 
 
+def successes(template, method):
+    """The statuses that are a success for the operation."""
+    if (template, method) in WEBSOCKET_OPERATIONS:
+        return SUCCESS | {'101'}
+    return SUCCESS
+
+
 def walk(node, path=''):
     """Yields (json path, value) for every '$ref' in `node`."""
     if isinstance(node, dict):
@@ -211,7 +225,7 @@ def static_checks(tap, contract):
         codes = set(op.get('responses', {}))
         if not any(c.startswith('4') for c in codes):
             problems.append(f'{method} {template}: no 4xx response')
-        if not codes & SUCCESS:
+        if not codes & successes(template, method):
             problems.append(f'{method} {template}: no success response')
         missing = GENERIC_STATUSES - codes
         if missing:
@@ -280,7 +294,8 @@ def static_checks(tap, contract):
             problems.append(f'errors.json http_only row {row.get("name")}: type {row.get("type")}')
     want_http_only = {'Unauthorized': 401, 'NotFound': 404, 'MethodNotAllowed': 405,
                       'RequestTimeout': 408, 'PayloadTooLarge': 413,
-                      'UnsupportedMediaType': 415, 'HeaderFieldsTooLarge': 431}
+                      'UnsupportedMediaType': 415, 'UpgradeRequired': 426,
+                      'HeaderFieldsTooLarge': 431}
     got_http_only = {r['name']: r['http_status'] for r in contract.errors.get('http_only', [])}
     if got_http_only != want_http_only:
         problems.append(f'errors.json http_only is {got_http_only}')
@@ -377,6 +392,60 @@ class Client:
         ended = proc.returncode == 0 or (stream_s and proc.returncode == 28)
         error = '' if ended else proc.stderr.decode(errors='replace').strip()
         return Response(method, target, status, headers_out, body_out, error)
+
+
+def websocket_handshake(socket_path, target, timeout_s=10):
+    """Opens a WebSocket to `target` by hand (RFC 6455 4.1; python has no client): the answer's
+    Response, the Sec-WebSocket-Key sent, the socket and the bytes read past the answer's header."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout_s)
+    try:
+        sock.connect(socket_path)
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall((f'GET {target} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n'
+                      f'Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n'
+                      'Sec-WebSocket-Version: 13\r\n\r\n').encode())
+        data = b''
+        while b'\r\n\r\n' not in data:
+            more = sock.recv(4096)
+            if not more:
+                break
+            data += more
+    except OSError:
+        sock.close()
+        raise
+    head, _, rest = data.partition(b'\r\n\r\n')
+    lines = head.decode('latin-1').split('\r\n')
+    status_line = lines[0].split(' ')
+    status = int(status_line[1]) if len(status_line) > 1 and status_line[1].isdigit() else 0
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(':')
+        headers[name.strip().lower()] = value.strip()
+    return Response('GET', target, status, headers, b'', ''), key, sock, rest
+
+
+def read_frame(sock, rest):
+    """One unmasked frame from the server (RFC 6455 5.2): (opcode, payload, bytes left over)."""
+    buf = rest
+
+    def need(n):
+        nonlocal buf
+        while len(buf) < n:
+            more = sock.recv(4096)
+            if not more:
+                raise EOFError('the server closed the connection')
+            buf += more
+        out, buf = buf[:n], buf[n:]
+        return out
+    first, second = need(2)
+    length = second & 0x7f
+    if length == 126:
+        length = struct.unpack('>H', need(2))[0]
+    elif length == 127:
+        length = struct.unpack('>Q', need(8))[0]
+    payload = need(length)
+    return first & 0x0f, payload, buf
 
 
 def check_against(contract, response_obj, r):
@@ -477,6 +546,36 @@ class Session:
                     problems.append(f'unexpected answer ({e!r}): {r.body[:300]!r}')
         self.tap.result(f'{method} {target[:80]} -> {expect} ({description})', problems)
         return r, value
+
+
+    def websocket(self, description, target, check=None):
+        """One test point: a WebSocket handshake by hand answers 101 as the document says, with the
+        Sec-WebSocket-Accept of RFC 6455 4.2.2; `check` (response, socket, bytes read past the
+        answer) returns more problems while the WebSocket is open."""
+        problems = []
+        try:
+            r, key, sock, rest = websocket_handshake(self.client.socket_path, target)
+        except OSError as e:
+            self.tap.result(f'GET {target[:80]} -> 101 ({description})', [f'no answer: {e!r}'])
+            return
+        with sock:
+            template = self.contract.match(target.split('?')[0])
+            op = self.contract.doc['paths'][template]['get']
+            self.reached.setdefault((template, 'GET'), set()).add(str(r.status))
+            if r.status != 101:
+                problems.append(f'got {r.status}, expected 101')
+            else:
+                problems += check_against(self.contract, self.contract.resolve(op['responses']['101']), r)
+                want = base64.b64encode(hashlib.sha1((key + WEBSOCKET_GUID).encode()).digest()).decode()
+                if r.headers.get('sec-websocket-accept') != want:
+                    problems.append(f'Sec-WebSocket-Accept {r.headers.get("sec-websocket-accept")!r}, '
+                                    f'expected {want!r}')
+            if check and not problems:
+                try:
+                    problems += check(r, sock, rest)
+                except (OSError, EOFError, ValueError, struct.error) as e:
+                    problems.append(f'the WebSocket failed: {e!r}')
+        self.tap.result(f'GET {target[:80]} -> 101 ({description})', problems)
 
 
 # Checks of the answers' meaning, beyond their shape.
@@ -849,6 +948,47 @@ def run_stream_requests(s):
     s.send('a silent console times out', 'POST', '/v1/machines/c5/console/wait', 200,
            {'pattern': 'login:', 'timeout_s': 0.2},
            check=lambda r, v: [] if v == {'timed_out': True, 'offset': 0} else [f'{v}'])
+
+    # The console WebSocket: 426 without the upgrade, 409 without a console, 101 with one; one
+    # writer at a time (a second is closed with 4409).
+    key = base64.b64encode(b'sixteen byte key').decode()
+    upgrade = ['Upgrade: websocket', 'Connection: Upgrade', 'Sec-WebSocket-Version: 13',
+               f'Sec-WebSocket-Key: {key}']
+
+    def upgrade_required(version=None):
+        def check(r, p):
+            problems = problem_is('UpgradeRequired')(r, p)
+            if r.headers.get('upgrade', '').lower() != 'websocket':
+                problems.append(f'Upgrade {r.headers.get("upgrade")!r}')
+            if version and r.headers.get('sec-websocket-version') != version:
+                problems.append(f'Sec-WebSocket-Version {r.headers.get("sec-websocket-version")!r}')
+            return problems
+        return check
+    s.send('not a WebSocket', 'GET', '/v1/machines/c5/console', 426, check=upgrade_required())
+    s.send('WebSocket version 8', 'GET', '/v1/machines/c5/console', 426,
+           headers=upgrade[:2] + ['Sec-WebSocket-Version: 8', upgrade[3]],
+           check=upgrade_required('13'))
+    s.send('a handshake without a key', 'GET', '/v1/machines/c5/console', 400, headers=upgrade[:3],
+           check=problem_is('InvalidArgument'))
+    s.send('mode neither read nor write', 'GET', '/v1/machines/c5/console?mode=frob', 400,
+           headers=upgrade, check=problem_is('InvalidArgument', 'mode'))
+    s.send('a machine without a console', 'GET', '/v1/machines/c1/console', 409, headers=upgrade,
+           check=problem_is('StateConflict'))
+    s.websocket('the console of c5, to read', '/v1/machines/c5/console')
+
+    def second_writer_refused(r, sock, rest):
+        r2, _, sock2, rest2 = websocket_handshake(s.client.socket_path,
+                                                  '/v1/machines/c5/console?mode=write')
+        with sock2:
+            if r2.status != 101:
+                return [f'the second writer got {r2.status}, expected 101 and a close frame']
+            opcode, payload, _ = read_frame(sock2, rest2)
+            code = struct.unpack('>H', payload[:2])[0] if len(payload) >= 2 else None
+            if opcode != 8 or code != 4409 or b'another client is writing' not in payload:
+                return [f'the second writer got opcode {opcode}, code {code}: {payload[2:]!r}']
+        return []
+    s.websocket('the console of c5, to write; a second writer is closed with 4409',
+                '/v1/machines/c5/console?mode=write', check=second_writer_refused)
     s.send('delete c5', 'DELETE', '/v1/machines/c5?force=true', 204)
 
 
@@ -912,7 +1052,7 @@ def check_shutdown(s, daemon):
 def check_coverage(tap, contract, s):
     for template, method, op in contract.operations():
         reached = s.reached.get((template, method), set())
-        ok = reached & set(op['responses']) & SUCCESS
+        ok = reached & set(op['responses']) & successes(template, method)
         errors = {c for c in reached if c.startswith('4')}
         problems = []
         if not ok:

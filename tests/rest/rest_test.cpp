@@ -2,7 +2,8 @@
 // The REST API over the wire: the real qmachined on a temp unix socket (and loopback TCP) with real
 // QEMU, driven by curl and a Beast client. Every route and its statuses; bad input, each answered
 // with its problem and nothing changed afterwards (machines, state files, the daemon's descriptors
-// and children); limits (body, header, slow clients, connections); tokens; shutdown; /metrics.
+// and children); limits (body, header, slow clients, connections); tokens; shutdown; /metrics; the
+// console WebSocket with the test guest (tests/guest/init).
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
@@ -25,7 +26,9 @@
 #include "tests/rest/daemon_fixture.hpp"
 #include "tests/rest/exposition.hpp"
 #include "tests/rest/http_client.hpp"
+#include "tests/rest/websocket_client.hpp"
 #include "tests/support/daemon_process.hpp"
+#include "tests/support/guest_image.hpp"
 #include "tests/support/loop.hpp"
 #include "tests/support/qemu_process.hpp"
 
@@ -43,6 +46,25 @@ std::string quick_spec(const std::string& extra = {})
     return fmt::format(R"({{"binary": {}, "machine": "none", "console": {{"enabled": false}},
         "shutdown": {{"mode": "quit", "timeout_s": 10}}{}}})",
                        json::quote(QemuProcess::binary()), extra);
+}
+
+// A quick machine with a console (-machine none: nothing is ever written on it).
+std::string quick_console_spec()
+{
+    return fmt::format(R"({{"binary": {}, "machine": "none",
+        "shutdown": {{"mode": "quit", "timeout_s": 10}}}})",
+                       json::quote(QemuProcess::binary()));
+}
+
+// The header fields of a WebSocket handshake (RFC 6455 4.1), for requests sent without Beast's
+// WebSocket client.
+const Headers& websocket_headers()
+{
+    static const Headers headers{{"Upgrade", "websocket"},
+                                 {"Connection", "Upgrade"},
+                                 {"Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="},
+                                 {"Sec-WebSocket-Version", "13"}};
+    return headers;
 }
 
 std::string create_body(const std::string& name, const std::string& spec = quick_spec())
@@ -765,6 +787,133 @@ TEST_F(RestTest, LogAndConsoleLogWithTail)
     expect_unchanged(before);
 }
 
+// ---- the console WebSocket ------------------------------------------------------------------
+
+TEST_F(RestTest, ConsoleWebSocketExchangesALineWithTheGuestASecondWriterIsRefused)
+{
+    ASSERT_EQ(guest_image().error, "") << "the test guest cannot be built";
+    // It answers "echo TEXT" with "qmtest: TEXT".
+    create("guest", guest_spec());
+    ASSERT_EQ(action("guest", "start").status, 200);
+    {
+        // Booted: its /init said so (the wait may take a TCG boot's time, more than call()'s).
+        HttpConnection c(ioc_, socket_path());
+        const HttpResponse ready =
+            c.request("POST", "/v1/machines/guest/console/wait",
+                      R"({"pattern": "qmtest: ready", "timeout_s": 120})", {}, 130s);
+        ASSERT_EQ(ready.status, 200) << ready;
+        ASSERT_EQ(ready.str("match"), "qmtest: ready") << ready;
+    }
+
+    // A reader (the default) gets the ring first: the boot's last words.
+    WebSocketClient reader(ioc_, socket_path());
+    ASSERT_TRUE(reader.open("/v1/machines/guest/console")) << reader.error().message();
+    EXPECT_EQ(reader.response().result_int(), 101);
+    ASSERT_TRUE(reader.wait_output("qmtest: ready", 10s)) << reader.output();
+    WebSocketClient writer(ioc_, socket_path());
+    ASSERT_TRUE(writer.open("/v1/machines/guest/console?mode=write")) << writer.error().message();
+    ASSERT_TRUE(writer.wait_output("qmtest: ready", 10s)) << writer.output();
+
+    // A second writer is upgraded, then closed with 4409 and the documented reason.
+    WebSocketClient second(ioc_, socket_path());
+    ASSERT_TRUE(second.open("/v1/machines/guest/console?mode=write")) << second.error().message();
+    ASSERT_TRUE(second.wait_end(10s));
+    EXPECT_EQ(second.close_code(), 4409);
+    EXPECT_EQ(second.close_reason(), "another client is writing to the console of 'guest'");
+    EXPECT_EQ(second.output(), "") << "a refused writer gets no output";
+
+    // The writer's line reaches the guest; the answer reaches the writer and the reader.
+    const std::size_t reader_from = reader.output().size();
+    const std::size_t writer_from = writer.output().size();
+    ASSERT_TRUE(writer.send("echo hello-ws\n"));
+    EXPECT_TRUE(writer.wait_output("qmtest: hello-ws", 30s, writer_from)) << writer.output();
+    EXPECT_TRUE(reader.wait_output("qmtest: hello-ws", 30s, reader_from)) << reader.output();
+    EXPECT_TRUE(reader.notices().empty()) << reader.notices().front();
+    EXPECT_FALSE(second.wait_output("qmtest: hello-ws", 100ms));
+
+    // A reader that writes is closed with 1008; its line never reaches the guest.
+    ASSERT_TRUE(reader.send("echo from-reader\n"));
+    ASSERT_TRUE(reader.wait_end(10s));
+    EXPECT_EQ(reader.close_code(), 1008);
+    EXPECT_NE(reader.close_reason().find("?mode=write"), std::string::npos) << reader.close_reason();
+
+    // The writer leaves: its place is free for the next one.
+    EXPECT_TRUE(writer.close());
+    WebSocketClient next(ioc_, socket_path());
+    ASSERT_TRUE(next.open("/v1/machines/guest/console?mode=write")) << next.error().message();
+    ASSERT_TRUE(next.send("echo again\n"));
+    EXPECT_TRUE(next.wait_output("qmtest: again", 30s)) << next.output();
+    EXPECT_FALSE(next.ended()) << next.close_code() << " " << next.close_reason();
+    EXPECT_EQ(next.output().find("qmtest: from-reader"), std::string::npos) << next.output();
+    WebSocketClient watcher(ioc_, socket_path());
+    ASSERT_TRUE(watcher.open("/v1/machines/guest/console"));
+
+    // The machine stops (quit: at once): every client is closed with 1000 and the reason.
+    const HttpResponse stopped = action("guest", "stop", R"({"mode": "quit"})");
+    EXPECT_EQ(stopped.status, 200) << stopped;
+    for (WebSocketClient* c : {&next, &watcher}) {
+        ASSERT_TRUE(c->wait_end(10s));
+        EXPECT_EQ(c->close_code(), 1000);
+        EXPECT_EQ(c->close_reason(), "console ended: the machine is stopping");
+    }
+    expect_problem(call("GET", "/v1/machines/guest/console", {}, websocket_headers()), 409,
+                   "StateConflict");
+}
+
+TEST_F(RestTest, ConsoleWebSocketRefusalsAreProblems)
+{
+    create("quiet"); // no console
+    create("idle", quick_console_spec());
+    running_machine("vm", quick_console_spec());
+    const Snapshot before = snapshot();
+    const std::string target = "/v1/machines/vm/console";
+
+    // Without the upgrade: 426, naming the protocol.
+    for (const HttpResponse& r : {call("GET", target), curl("GET", target).response}) {
+        expect_problem(r, 426, "UpgradeRequired");
+        EXPECT_EQ(r.header("Upgrade"), "websocket") << r;
+    }
+    expect_problem(call("GET", "/v1/machines/nope/console", {}, websocket_headers()), 404,
+                   "NoSuchMachine");
+    expect_problem(call("GET", "/v1/machines/nope/console"), 404, "NoSuchMachine");
+    expect_problem(call("GET", "/v1/machines/a%2Fb/console", {}, websocket_headers()), 400,
+                   "InvalidArgument", "name");
+    expect_problem(call("GET", "/v1/machines/quiet/console", {}, websocket_headers()), 409,
+                   "StateConflict");
+    expect_problem(call("GET", "/v1/machines/idle/console", {}, websocket_headers()), 409,
+                   "StateConflict");
+    expect_problem(call("GET", target + "?mode=all", {}, websocket_headers()), 400,
+                   "InvalidArgument", "mode");
+    expect_problem(call("GET", target + "?from=0", {}, websocket_headers()), 400,
+                   "InvalidArgument", "from");
+    {
+        // Handshakes Beast refuses get the API's problems too.
+        Headers no_key = websocket_headers();
+        no_key.erase(no_key.begin() + 2);
+        expect_problem(call("GET", target, {}, no_key), 400, "InvalidArgument");
+        Headers version = websocket_headers();
+        version.back().second = "8";
+        const HttpResponse r = call("GET", target, {}, version);
+        expect_problem(r, 426, "UpgradeRequired");
+        EXPECT_EQ(r.header("Sec-WebSocket-Version"), "13") << r;
+    }
+    {
+        // Beast's client sees the refusal as such, with the problem.
+        WebSocketClient c(ioc_, socket_path());
+        EXPECT_FALSE(c.open("/v1/machines/nope/console"));
+        EXPECT_EQ(c.response().result_int(), 404);
+    }
+    {
+        // A silent console: the client gets nothing, and stays until it leaves.
+        WebSocketClient c(ioc_, socket_path());
+        ASSERT_TRUE(c.open(target)) << c.error().message();
+        EXPECT_FALSE(c.wait_output("x", 200ms));
+        EXPECT_FALSE(c.ended());
+        EXPECT_TRUE(c.close());
+    }
+    expect_unchanged(before);
+}
+
 // ---- bad input ------------------------------------------------------------------------------
 
 TEST_F(RestTest, BadCreateBodiesChangeNothing)
@@ -1021,7 +1170,7 @@ TEST_F(RestTest, UnknownRoutesMethodsAndQueryParameters)
     const Snapshot before = snapshot();
     for (const char* target :
          {"/", "/v1", "/v1/", "/v2/machines", "/v1/machine", "/v1/machines/vm/frob",
-          "/v1/machines/vm/console", "/v1/machines/vm/start/now", "/v1/version/x", "/V1/health",
+          "/v1/machines/vm/consoles", "/v1/machines/vm/start/now", "/v1/version/x", "/V1/health",
           "/v1/machines/vm/log/x", "/v1//machines", "/v1/metrics", "/metrics/x"}) {
         SCOPED_TRACE(target);
         expect_problem(call("GET", target), 404, "NotFound");
@@ -1044,6 +1193,7 @@ TEST_F(RestTest, UnknownRoutesMethodsAndQueryParameters)
              {"DELETE", "/v1/health", "GET"},
              {"GET", "/v1/machines/vm/spec", "PUT"},
              {"POST", "/v1/machines/vm/log", "GET"},
+             {"POST", "/v1/machines/vm/console", "GET"},
              {"OPTIONS", "/v1/machines", "GET, POST"},
              {"FROB", "/v1/health", "GET"},
              {"POST", "/metrics", "GET"},
@@ -1409,6 +1559,28 @@ TEST_F(RestTest, RequestsDuringShutdownAre503)
     EXPECT_GE(Clock::now() - t0, 2500ms) << "the stop did not wait for the guest";
     expect_daemon_gone();
     EXPECT_FALSE(fs::exists(state_ / "late.json"));
+}
+
+// The machines outlive the daemon (leave-running): a console WebSocket is closed with 1001.
+class RestLeaveRunningTest : public RestTest
+{
+protected:
+    RestLeaveRunningTest() { args_ = {"--shutdown-policy", "leave-running"}; }
+};
+
+TEST_F(RestLeaveRunningTest, ConsoleWebSocketsAreClosedWhenTheDaemonGoes)
+{
+    const pid_t pid = running_machine("vm", quick_console_spec());
+    WebSocketClient c(ioc_, socket_path());
+    ASSERT_TRUE(c.open("/v1/machines/vm/console")) << c.error().message();
+    daemon().signal(SIGTERM);
+    ASSERT_TRUE(c.wait_end(10s));
+    EXPECT_EQ(c.close_code(), 1001);
+    EXPECT_EQ(c.close_reason(), "qmachined is shutting down");
+    EXPECT_EQ(daemon().wait_exit(15s), 0) << daemon_output();
+    ASSERT_TRUE(alive(pid)) << "leave-running: QEMU outlives the daemon";
+    ASSERT_EQ(::kill(pid, SIGKILL), 0);
+    expect_daemon_gone();
 }
 
 // ---- limits (short request timeout, few connections) ----------------------------------------

@@ -106,7 +106,7 @@ TEST(RouterTest, UnknownPathsAre404)
 {
     for (const char* target : {"/", "/v1", "/v1/", "/v2/machines", "/v1/machines/", "/v1/machines/a/",
                                "/v1/machines/a/frob", "/v1/machines/a/start/x", "/v1//machines",
-                               "/v1/machines//start", "/V1/machines", "/v1/machines/a/console",
+                               "/v1/machines//start", "/V1/machines", "/v1/machines/a/consoles",
                                "/v1/metrics", "/metrics/", "/metrics/x", "/Metrics",
                                "/v1/machines/a/console/log/x"}) {
         SCOPED_TRACE(target);
@@ -260,6 +260,16 @@ TEST(ProblemTest, Unauthorized401CarriesWwwAuthenticate)
     ASSERT_EQ(r.headers.size(), 1u);
     EXPECT_EQ(r.headers[0].first, "WWW-Authenticate");
     EXPECT_EQ(r.headers[0].second, "Bearer realm=\"qmachined\"");
+}
+
+TEST(ProblemTest, UpgradeRequired426NamesWebSocket)
+{
+    const Response r = problem_response(make_problem(HttpProblem::upgrade_required, "no upgrade"));
+    EXPECT_EQ(r.status, 426);
+    EXPECT_EQ(r.problem, "UpgradeRequired");
+    const std::vector<std::pair<std::string, std::string>> want{{"Upgrade", "websocket"},
+                                                                {"Connection", "Upgrade"}};
+    EXPECT_EQ(r.headers, want);
 }
 
 TEST(TimestampTest, Rfc3339WithMicroseconds)
