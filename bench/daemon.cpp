@@ -359,6 +359,27 @@ void Daemon::close_watch()
     }
 }
 
+void teardown(Daemon& daemon, const fs::path& dir, std::size_t machines,
+              std::optional<std::size_t> floor_failed, Clock::time_point started)
+{
+    const double stop_ms = daemon.stop(SIGTERM);
+    const std::size_t left = daemon.kill_leftover_qemus();
+    const std::size_t sockets = sockets_under(dir);
+    fmt::print("teardown: qmachined (shutdown-policy stop-machines) stopped its {} machines and "
+               "exited in {:.0f} ms\n  after SIGTERM;{} {} QEMU(s) left{}; {} socket(s) left;\n  "
+               "{} (definitions and logs, removed next);\n  load average at end {}; total {:.1f} "
+               "s\n",
+               machines, stop_ms, floor_failed ? " floor QEMUs quit;" : "", left,
+               left > 0 ? " (KILLED)" : "", sockets, leftovers(dir), load_average(),
+               std::chrono::duration<double>(Clock::now() - started).count());
+    if (floor_failed && *floor_failed > 0) {
+        die(fmt::format("floor: {} QEMUs did not quit with status 0", *floor_failed));
+    }
+    if (left > 0 || sockets > 0) {
+        die("the daemon left QEMUs or sockets behind");
+    }
+}
+
 //---- REST: a Beast client on the unix socket ---------------------------------------------------
 
 Request make_request(http::verb verb, const std::string& target, std::string_view body)
@@ -423,6 +444,13 @@ std::string qemu_version_of(const Reply& r)
         return "?";
     }
     return std::string(json::get_string(*q, "version").value_or("?"));
+}
+
+std::string none_spec(const std::string& qemu, bool console)
+{
+    return fmt::format(
+        R"({{"binary":{},"machine":"none",{}"shutdown":{{"mode":"quit","timeout_s":10}}}})",
+        json::quote(qemu), console ? "" : R"("console":{"enabled":false},)");
 }
 
 namespace {
@@ -617,6 +645,34 @@ awaitable<expected<void>> negotiate(BareQemu* q)
         co_return fail(errc::qmp_protocol, "qmp_capabilities failed");
     }
     co_return expected<void>{};
+}
+
+double spawn_bare_qemus(asio::io_context& ioc, const std::vector<std::string>& argv,
+                        const std::vector<std::string>& names, BareQemus& out)
+{
+    const auto t0 = Clock::now();
+    std::vector<awaitable<expected<void>>> negotiations;
+    for (const auto& name : names) {
+        out.push_back(spawn_bare_qemu(ioc, argv, name));
+        negotiations.push_back(negotiate(out.back().get()));
+    }
+    run_all(ioc, std::move(negotiations), "floor", "launch+negotiate");
+    return elapsed_ms(t0, Clock::now());
+}
+
+std::size_t quit_all(BareQemus& qemus)
+{
+    for (auto& q : qemus) {
+        error_code ec;
+        const std::string_view quit = "{\"execute\":\"quit\"}\n";
+        asio::write(*q->socket, asio::buffer(quit), ec);
+    }
+    std::size_t failed = 0;
+    for (auto& q : qemus) {
+        failed += q->reap(10s) ? 0 : 1;
+    }
+    qemus.clear();
+    return failed;
 }
 
 } // namespace qm::bench

@@ -32,6 +32,11 @@ using Request = rest::http::request<rest::http::string_body>;
 // in), else ../daemon/qmachined beside this program.
 std::string qmachined_binary();
 
+// The end of the usage text of a benchmark that runs qmachined.
+inline constexpr std::string_view environment_usage =
+    "QM_QMACHINED names the daemon (default: the one built with this benchmark), QM_QEMU the "
+    "QEMU\nbinary (default qemu-system-x86_64 in PATH).\n";
+
 std::string read_file(const std::filesystem::path& p);
 
 // The arguments of /proc/<pid>/cmdline; empty once the process is gone (or a zombie).
@@ -143,6 +148,15 @@ private:
     std::chrono::system_clock::time_point spawned_wall_{};
 };
 
+// The end of a run: SIGTERM to `daemon` (started with shutdown-policy stop-machines, so that it
+// stops its `machines` machines), which must exit with status 0 and leave no QEMU (one left is
+// killed) and no socket under `dir`. Prints a line on what it took and what was left (`started`:
+// when the run began); dies when anything was left, or when `floor_failed` (the bare QEMUs of the
+// run that did not quit with status 0, if it had any) is not 0.
+void teardown(Daemon& daemon, const std::filesystem::path& dir, std::size_t machines,
+              std::optional<std::size_t> floor_failed,
+              std::chrono::steady_clock::time_point started);
+
 //---- REST: a Beast client on the unix socket ---------------------------------------------------
 
 Request make_request(rest::http::verb verb, const std::string& target, std::string_view body);
@@ -166,6 +180,11 @@ awaitable<expected<Reply>> request(std::string socket_path, rest::http::verb ver
 
 // QEMU's version from GET /v1/version's answer; "?" when it has none.
 std::string qemu_version_of(const Reply& r);
+
+// The spec of a `-machine none` QEMU (`qemu`, an absolute path), with or without its console;
+// `quit` to stop, because the default (`powerdown`, 30 s) does nothing to a machine without ACPI
+// and would make the daemon's SIGTERM take 30 s per batch of 16 machines.
+std::string none_spec(const std::string& qemu, bool console);
 
 // What creating and starting machines saw: each machine's name (given) and QEMU pid, and the
 // starts that failed and were tried again.
@@ -212,6 +231,17 @@ std::vector<std::string> bare_template(std::vector<std::string> argv, const std:
 
 std::unique_ptr<BareQemu> spawn_bare_qemu(asio::io_context& ioc, std::vector<std::string> argv,
                                           const std::string& name);
+
+using BareQemus = std::vector<std::unique_ptr<BareQemu>>;
+
+// Spawns one bare QEMU per name on `argv` (a bare_template) into `out` and negotiates them all at
+// once; returns the time it took, in ms.
+double spawn_bare_qemus(asio::io_context& ioc, const std::vector<std::string>& argv,
+                        const std::vector<std::string>& names, BareQemus& out);
+
+// Sends each of `qemus` `quit` and reaps it; returns how many did not exit with status 0 within
+// 10 s (killed). `qemus` is empty after.
+std::size_t quit_all(BareQemus& qemus);
 
 // The next line from QEMU that is not an event (qmp-spec 2.5: an event may come at any time),
 // removed from q.in; events before it are counted in `*events` when given.

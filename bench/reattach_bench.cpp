@@ -59,12 +59,6 @@ constexpr auto settle = 200ms;
 // Connections creating and starting the machines at set-up.
 constexpr std::size_t setup_connections = 8;
 
-// `-machine none` with its console (the default: the daemon reconnects consoles too, once every
-// machine answers, after the timed part; `--console off` takes them away); `quit` to stop, because
-// the default (`powerdown`, 30 s) does nothing to a machine without ACPI.
-constexpr std::string_view spec_template =
-    R"({{"binary":{},"machine":"none",{}"shutdown":{{"mode":"quit","timeout_s":10}}}})";
-
 struct Args
 {
     int machines = 200;
@@ -438,9 +432,8 @@ void usage()
         "                    re-attach figure and a timeline from its log; warn neither (default "
         "info)\n"
         "  --console on|off  the machines' console, which qmachined reconnects once every\n"
-        "                    machine answers (default on)\n"
-        "QM_QMACHINED names the daemon (default: the one built with this benchmark), QM_QEMU "
-        "the QEMU\nbinary (default qemu-system-x86_64 in PATH).\n");
+        "                    machine answers (default on)\n");
+    fmt::print("{}", qm::bench::environment_usage);
 }
 
 int run(const Args& args)
@@ -461,8 +454,9 @@ int run(const Args& args)
     // The daemon and its machines.
     daemon.start(leave, "warn");
     daemon.wait_ready();
-    const std::string spec = fmt::format(spec_template, qm::json::quote(env.qemu),
-                                         args.console ? "" : R"("console":{"enabled":false},)");
+    // With its console by default: the daemon reconnects consoles too, once every machine
+    // answers, after the timed part; `--console off` takes them away.
+    const std::string spec = qm::bench::none_spec(env.qemu, args.console);
     auto setup = std::make_shared<qm::bench::Setup>();
     for (std::size_t i = 0; i < n; ++i) {
         setup->names.push_back(machine_name(i));
@@ -646,19 +640,7 @@ int run(const Args& args)
     daemon.start("stop-machines", "warn");
     daemon.wait_ready();
     verify(env.ioc, daemon, *pids);
-    const double stop_ms = daemon.stop(SIGTERM);
-    const std::size_t left = daemon.kill_leftover_qemus();
-    const std::size_t sockets = qm::bench::sockets_under(env.dir);
-    fmt::print("teardown: qmachined (shutdown-policy stop-machines) stopped its {} machines "
-               "and exited in {:.0f} ms\n  after SIGTERM; {} QEMU(s) left{}; {} socket(s) "
-               "left;\n  {} (definitions and logs, removed next);\n  load average at end "
-               "{}; total {:.1f} s\n",
-               n, stop_ms, left, left > 0 ? " (KILLED)" : "", sockets,
-               qm::bench::leftovers(env.dir), qm::bench::load_average(),
-               std::chrono::duration<double>(Clock::now() - started).count());
-    if (left > 0 || sockets > 0) {
-        die("the daemon left QEMUs or sockets behind");
-    }
+    qm::bench::teardown(daemon, env.dir, n, std::nullopt, started);
     return 0;
 }
 

@@ -67,12 +67,6 @@ constexpr auto window_warm_up = 300ms;
 // Before the trials of each concurrency, one window per side that is not recorded at all.
 constexpr auto concurrency_warm_up = 500ms;
 
-// `-machine none` with no console, as the issue says; `quit` to stop, because the default
-// (`powerdown`, 30 s) does nothing to a machine without ACPI and would make the daemon's SIGTERM
-// take 30 s per batch of 16 machines.
-constexpr std::string_view spec_template =
-    R"({{"binary":{},"machine":"none","console":{{"enabled":false}},)"
-    R"("shutdown":{{"mode":"quit","timeout_s":10}}}})";
 constexpr std::string_view qmp_body = R"({"execute":"query-status"})";
 constexpr std::string_view qmp_line = "{\"execute\":\"query-status\"}\n";
 
@@ -90,7 +84,7 @@ std::string machine_name(int i)
 }
 
 // The floor's QEMUs (bench/daemon.hpp: qmachined's command line, QMP straight to them).
-using BareQemus = std::vector<std::unique_ptr<BareQemu>>;
+using qm::bench::BareQemus;
 
 //---- the load ----------------------------------------------------------------------------------
 
@@ -419,9 +413,8 @@ void usage()
         "  --seconds S         recorded seconds per window: per side, concurrency and trial "
         "(default 2)\n"
         "  --trials N          interleaved REST/floor trials per concurrency (default 3)\n"
-        "  --concurrency LIST  concurrent clients, each at most --machines (default 1,32)\n"
-        "QM_QMACHINED names the daemon (default: the one built with this benchmark), QM_QEMU "
-        "the QEMU\nbinary (default qemu-system-x86_64 in PATH).\n");
+        "  --concurrency LIST  concurrent clients, each at most --machines (default 1,32)\n");
+    fmt::print("{}", qm::bench::environment_usage);
 }
 
 std::vector<int> parse_list(std::string_view flag, std::string_view text)
@@ -449,7 +442,7 @@ int run(const Args& args)
     // The daemon, its machines, the floor's QEMUs.
     daemon.start("stop-machines", "warn");
     daemon.wait_ready();
-    const std::string spec = fmt::format(spec_template, qm::json::quote(env.qemu));
+    const std::string spec = qm::bench::none_spec(env.qemu, false); // no console, as the issue says
     auto setup = std::make_shared<qm::bench::Setup>();
     for (std::size_t i = 0; i < machines; ++i) {
         setup->names.push_back(machine_name(static_cast<int>(i)));
@@ -459,14 +452,11 @@ int run(const Args& args)
         qm::bench::create_and_start(env.ioc, daemon.socket_path(), spec, setup, machines);
     const std::vector<std::string> daemon_argv = command_line(setup->pids.front());
     const auto floor_argv = qm::bench::bare_template(daemon_argv, machine_name(0));
-    const auto floor_t0 = Clock::now();
-    std::vector<awaitable<qm::expected<void>>> negotiations;
+    std::vector<std::string> floor_names;
     for (std::size_t i = 0; i < machines; ++i) {
-        floors->push_back(spawn_bare_qemu(env.ioc, floor_argv, fmt::format("f{:02}", i)));
-        negotiations.push_back(qm::bench::negotiate(floors->back().get()));
+        floor_names.push_back(fmt::format("f{:02}", i));
     }
-    qm::bench::run_all(env.ioc, std::move(negotiations), "floor", "launch+negotiate");
-    const double floor_ms = qm::bench::elapsed_ms(floor_t0, Clock::now());
+    const double floor_ms = qm::bench::spawn_bare_qemus(env.ioc, floor_argv, floor_names, *floors);
 
     const auto version = qm::test::run_co(
         env.ioc, qm::bench::request(daemon.socket_path(), http::verb::get, "/v1/version", ""));
@@ -597,32 +587,8 @@ int run(const Args& args)
 
     // Teardown: the floor's QEMUs quit over QMP; the daemon gets SIGTERM and stops its
     // machines.
-    for (auto& q : *floors) {
-        error_code ec;
-        const std::string_view quit = "{\"execute\":\"quit\"}\n";
-        asio::write(*q->socket, asio::buffer(quit), ec);
-    }
-    int floor_failed = 0;
-    for (auto& q : *floors) {
-        floor_failed += q->reap(10s) ? 0 : 1;
-    }
-    floors->clear();
-    const double daemon_ms = daemon.stop(SIGTERM);
-    const std::size_t left = daemon.kill_leftover_qemus();
-    if (floor_failed > 0) {
-        die(fmt::format("floor: {} QEMUs did not quit with status 0", floor_failed));
-    }
-    if (left > 0) {
-        die(fmt::format("qmachined exited leaving {} QEMU(s) running (killed)", left));
-    }
-    // The state directory keeps the definitions (removed with the whole directory next);
-    // the runtime directory must hold no socket.
-    fmt::print("teardown: qmachined stopped its {} machines and exited in {:.0f} ms after "
-               "SIGTERM; floor QEMUs quit;\n  {} sockets left; {} (the definitions and "
-               "the logs, removed next);\n  load average at end {}; total {:.1f} s\n",
-               machines, daemon_ms, qm::bench::sockets_under(env.dir),
-               qm::bench::leftovers(env.dir), qm::bench::load_average(),
-               std::chrono::duration<double>(Clock::now() - started).count());
+    const std::size_t floor_failed = qm::bench::quit_all(*floors);
+    qm::bench::teardown(daemon, env.dir, machines, floor_failed, started);
     return 0;
 }
 
