@@ -175,8 +175,7 @@ Sched processes_sched(const std::vector<pid_t>& pids)
             // "<ns on a CPU> <ns waiting to run> <times run>"; zeros when it cannot be read.
             std::ifstream in(it->path() / "schedstat");
             Sched s;
-            std::uint64_t waited = 0;
-            in >> s.ns >> waited >> s.runs;
+            in >> s.ns >> s.wait_ns >> s.runs;
             sum += s;
         }
     }

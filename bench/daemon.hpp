@@ -56,21 +56,27 @@ bool connects(const std::string& path);
 
 //---- CPU time from /proc -----------------------------------------------------------------------
 
-// What the scheduler counts for threads (schedstat: time on a CPU, kernel time included, in ns,
-// and how many times they were put on one), summed.
+// What the scheduler counts for threads (schedstat: time on a CPU, kernel time included, in ns;
+// how many times they were put on one; time runnable but waiting for a CPU, in ns), summed.
 struct Sched
 {
     std::uint64_t ns = 0;
     std::uint64_t runs = 0;
+    std::uint64_t wait_ns = 0;
 
     Sched& operator+=(const Sched& o)
     {
         ns += o.ns;
         runs += o.runs;
+        wait_ns += o.wait_ns;
         return *this;
     }
-    Sched operator-(const Sched& o) const { return {ns - o.ns, runs - o.runs}; }
+    Sched operator-(const Sched& o) const
+    {
+        return {ns - o.ns, runs - o.runs, wait_ns - o.wait_ns};
+    }
     double ms() const { return static_cast<double>(ns) / 1e6; }
+    double wait_ms() const { return static_cast<double>(wait_ns) / 1e6; }
 };
 
 // Summed over every thread of each process of `pids` (threads that already ended are not counted:

@@ -762,12 +762,14 @@ struct Context
 // One fan-out's figures.
 struct FanoutRun
 {
-    double ms = 0;            // first source request -> every subscriber has the last event
-    double sources_ms = 0;    // first source request -> the sources' last answer
-    double first_done_ms = 0; // ... -> the first subscriber with every event
-    double daemon_cpu_ms = 0; // qmachined, every thread, from the first request to the end
-    double probe_cpu_ms = 0;  // of which the probe's REST requests, at their idle cost
-    double qemu_cpu_ms = 0;   // the sources' QEMUs
+    double ms = 0;             // first source request -> every subscriber has the last event
+    double sources_ms = 0;     // first source request -> the sources' last answer
+    double first_done_ms = 0;  // ... -> the first subscriber with every event
+    double daemon_cpu_ms = 0;  // qmachined, every thread, from the first request to the end
+    double daemon_wait_ms = 0; // ... runnable, waiting for a CPU
+    double daemon_runs = 0;    // ... times put on a CPU
+    double probe_cpu_ms = 0;   // of which the probe's REST requests, at their idle cost
+    double qemu_cpu_ms = 0;    // the sources' QEMUs
     double readers_cpu_ms = 0;
     double sources_cpu_ms = 0;         // this process's loop (the sources' REST clients)
     std::size_t waits = 0;             // times a source waited for its budget
@@ -852,7 +854,10 @@ FanoutRun fanout_trial(Context& ctx)
     r.sources_cpu_ms = qm::bench::thread_cpu_ms() - self0;
     readers.join();
     const auto joined = Clock::now();
-    r.daemon_cpu_ms = (processes_sched({daemon_pid}) - daemon0).ms();
+    const auto daemon_sched = processes_sched({daemon_pid}) - daemon0;
+    r.daemon_cpu_ms = daemon_sched.ms();
+    r.daemon_wait_ms = daemon_sched.wait_ms();
+    r.daemon_runs = static_cast<double>(daemon_sched.runs);
     r.qemu_cpu_ms = (processes_sched(ctx.source_qemus) - qemu0).ms();
     r.readers_cpu_ms = readers_cpu;
     prober.request_stop();
@@ -1115,6 +1120,8 @@ int run(const Args& args)
     const Series sources_ms = series(&FanoutRun::sources_ms);
     const Series first_done_ms = series(&FanoutRun::first_done_ms);
     const Series daemon_cpu = series(&FanoutRun::daemon_cpu_ms);
+    const Series daemon_wait = series(&FanoutRun::daemon_wait_ms);
+    const Series daemon_runs = series(&FanoutRun::daemon_runs);
     const Series probe_cpu = series(&FanoutRun::probe_cpu_ms);
     const Series qemu_cpu = series(&FanoutRun::qemu_cpu_ms);
     const Series readers_cpu = series(&FanoutRun::readers_cpu_ms);
@@ -1161,10 +1168,13 @@ int run(const Args& args)
                args.rate > 0 ? fmt::format(" (--rate {})", args.rate) : std::string(), waits);
     fmt::print("CPU during the fan-out, ms (median trial; schedstat, every thread, kernel time "
                "included):\n  qmachined {:.0f} (of which ~{:.0f} the probe's REST requests, at "
-               "their idle cost) -> {:.2f} us per\n  delivered event; the {} source QEMUs {:.0f} "
-               "(the floor's {:.0f}); this process: subscribers' thread {:.0f},\n  sources' loop "
-               "{:.0f}\n",
-               daemon_cpu.p50(), probe_cpu.p50(), us_per_event, n_sources, qemu_cpu.p50(),
+               "their idle cost) -> {:.2f} us per\n  delivered event; it waited {:.0f} ms for a "
+               "CPU and was put on one {:.0f} times ({:.0f}% busy,\n  {:.0f}% waiting for a CPU); "
+               "the {} source QEMUs {:.0f} (the floor's {:.0f}); this process:\n  subscribers' "
+               "thread {:.0f}, sources' loop {:.0f}\n",
+               daemon_cpu.p50(), probe_cpu.p50(), us_per_event, daemon_wait.p50(),
+               daemon_runs.p50(), 100 * daemon_cpu.p50() / fan_ms.p50(),
+               100 * daemon_wait.p50() / fan_ms.p50(), n_sources, qemu_cpu.p50(),
                floor_qemu_cpu.p50(), readers_cpu.p50(), sources_cpu.p50());
 
     const double rest_p50_ratio = rest_busy.p50() / rest_idle.p50();
@@ -1207,25 +1217,26 @@ int run(const Args& args)
         return fmt::format(R"({{"p50_us":{:.1f},"p99_us":{:.1f},"samples":{}}})", l.p50(), l.p99(),
                            l.us.size());
     };
-    fmt::print(
-        "\nJSON "
-        R"({{"bench":"events-bench","qemu":{},"subscribers":{},"events":{},"sources":{},)"
-        R"("trials":{},"rate":{},"targets":{{"latency_ratio":{:.1f}}},)"
-        R"("fanout_ms":{:.1f},"sources_ms":{:.1f},"delivered_per_s":{:.0f},)"
-        R"("floor_ms":{:.1f},"fanout_floor_ratio":{:.3f},"pacing_waits":{},)"
-        R"("daemon_cpu_ms":{:.1f},"probe_cpu_ms":{:.1f},"daemon_us_per_delivered_event":{:.3f},)"
-        R"("source_qemu_cpu_ms":{:.1f},"floor_qemu_cpu_ms":{:.1f},)"
-        R"("probe":{{"rest_idle":{},"rest_fanout":{},"floor_idle":{},"floor_fanout":{}}},)"
-        R"("rest_p50_ratio":{:.3f},"rest_p99_ratio":{:.3f},"floor_p50_ratio":{:.3f},)"
-        R"("floor_p99_ratio":{:.3f},"lost":{},)"
-        R"("pass":{{"none_lost":{},"p50":{},"p99":{}}}}})"
-        "\n",
-        qm::json::quote(qemu_version), n_subs, ctx.events, n_sources, args.trials, args.rate,
-        latency_target, fan_ms.p50(), sources_ms.p50(), rate, floor_run_ms.p50(),
-        fan_ms.p50() / floor_run_ms.p50(), waits, daemon_cpu.p50(), probe_cpu.p50(), us_per_event,
-        qemu_cpu.p50(), floor_qemu_cpu.p50(), lat_json(rest_idle), lat_json(rest_busy),
-        lat_json(floor_idle), lat_json(floor_busy), rest_p50_ratio, rest_p99_ratio, floor_p50_ratio,
-        floor_p99_ratio, failures.size(), none_lost, p50_pass, p99_pass);
+    fmt::print("\nJSON "
+               R"({{"bench":"events-bench","qemu":{},"subscribers":{},"events":{},"sources":{},)"
+               R"("trials":{},"rate":{},"targets":{{"latency_ratio":{:.1f}}},)"
+               R"("fanout_ms":{:.1f},"sources_ms":{:.1f},"delivered_per_s":{:.0f},)"
+               R"("floor_ms":{:.1f},"fanout_floor_ratio":{:.3f},"pacing_waits":{},)"
+               R"("daemon_cpu_ms":{:.1f},"daemon_cpu_wait_ms":{:.1f},"probe_cpu_ms":{:.1f},)"
+               R"("daemon_us_per_delivered_event":{:.3f},)"
+               R"("source_qemu_cpu_ms":{:.1f},"floor_qemu_cpu_ms":{:.1f},)"
+               R"("probe":{{"rest_idle":{},"rest_fanout":{},"floor_idle":{},"floor_fanout":{}}},)"
+               R"("rest_p50_ratio":{:.3f},"rest_p99_ratio":{:.3f},"floor_p50_ratio":{:.3f},)"
+               R"("floor_p99_ratio":{:.3f},"lost":{},)"
+               R"("pass":{{"none_lost":{},"p50":{},"p99":{}}}}})"
+               "\n",
+               qm::json::quote(qemu_version), n_subs, ctx.events, n_sources, args.trials, args.rate,
+               latency_target, fan_ms.p50(), sources_ms.p50(), rate, floor_run_ms.p50(),
+               fan_ms.p50() / floor_run_ms.p50(), waits, daemon_cpu.p50(), daemon_wait.p50(),
+               probe_cpu.p50(), us_per_event, qemu_cpu.p50(), floor_qemu_cpu.p50(),
+               lat_json(rest_idle), lat_json(rest_busy), lat_json(floor_idle), lat_json(floor_busy),
+               rest_p50_ratio, rest_p99_ratio, floor_p50_ratio, floor_p99_ratio, failures.size(),
+               none_lost, p50_pass, p99_pass);
     fmt::print("\nverdicts: none lost {}, probe p50 {}, probe p99 {}\n", verdict(none_lost),
                verdict(p50_pass), verdict(p99_pass));
     std::fflush(stdout);
