@@ -16,7 +16,6 @@
 #include <fstream>
 #include <functional>
 #include <memory>
-#include <sstream>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -52,10 +51,13 @@ using qm::bench::Daemon;
 using qm::bench::die;
 using qm::bench::elapsed_ms;
 using qm::bench::errno_text;
+using qm::bench::parse_list;
 using qm::bench::percentile;
 using qm::bench::processes_sched;
 using qm::bench::qmachined_binary;
+using qm::bench::range_of;
 using qm::bench::Sched;
+using qm::bench::verdict;
 
 // The issue's targets: p50 at most the floor's + 300 µs (every concurrency), and at most 0.5 ms
 // absolute where its anchor applies, one call at a time.
@@ -101,20 +103,6 @@ std::string machine_name(std::size_t i)
 
 //---- a private dbus-daemon ---------------------------------------------------------------------
 
-// `program` found in PATH, as an absolute path (spawn_child execs without a search).
-std::string find_in_path(const std::string& program)
-{
-    const char* path = std::getenv("PATH");
-    std::istringstream dirs(path != nullptr ? path : "");
-    for (std::string d; std::getline(dirs, d, ':');) {
-        const fs::path p = fs::path(d.empty() ? "." : d) / program;
-        if (::access(p.c_str(), X_OK) == 0) {
-            return fs::absolute(p).string();
-        }
-    }
-    die("'" + program + "' not found in PATH (Debian: apt-get install dbus-daemon)");
-}
-
 // dbus-daemon on a bus of its own (`dir`/bus), as tests/dbus/dbus_fixture.hpp starts it: a
 // session-type configuration, EXTERNAL authentication, a policy that allows everything (the
 // daemon's own credential check decides; the bench runs as root; a configuration of our own
@@ -151,7 +139,7 @@ public:
         if (::pipe2(pipe.data(), O_CLOEXEC) != 0) {
             die(errno_text("pipe2"));
         }
-        const std::string binary = find_in_path("dbus-daemon");
+        const std::string binary = qm::bench::find_in_path("dbus-daemon");
         t0_ = Clock::now();
         pid_ = qm::bench::spawn_child(
             {binary, "--config-file=" + config.string(), "--nofork", "--print-address=3"},
@@ -161,8 +149,8 @@ public:
         const auto end = Clock::now() + 10s;
         while (printed.find('\n') == std::string::npos) {
             qm::bench::check_interrupted();
-            const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(end -
-                                                                                     Clock::now());
+            const auto left =
+                std::chrono::duration_cast<std::chrono::milliseconds>(end - Clock::now());
             pollfd p{pipe[0], POLLIN, 0};
             if (left.count() <= 0 || (::poll(&p, 1, static_cast<int>(left.count())) == 0)) {
                 ::close(pipe[0]);
@@ -395,8 +383,8 @@ std::vector<Caller> make_callers(std::size_t machines, std::size_t c)
 
 timespec to_timespec(Clock::duration d)
 {
-    const auto ns = std::max<std::int64_t>(
-        0, std::chrono::duration_cast<std::chrono::nanoseconds>(d).count());
+    const auto ns =
+        std::max<std::int64_t>(0, std::chrono::duration_cast<std::chrono::nanoseconds>(d).count());
     return timespec{static_cast<time_t>(ns / 1'000'000'000), static_cast<long>(ns % 1'000'000'000)};
 }
 
@@ -470,8 +458,8 @@ struct DbusIo
         std::array<pollfd, 64> fds{};
         auto deadline = Clock::now() + wait;
         for (std::size_t i = 0; i < buses.size(); ++i) {
-            fds[i] = pollfd{sd_bus_get_fd(buses[i]),
-                            static_cast<short>(sd_bus_get_events(buses[i])), 0};
+            fds[i] =
+                pollfd{sd_bus_get_fd(buses[i]), static_cast<short>(sd_bus_get_events(buses[i])), 0};
             std::uint64_t usec = 0;
             if (sd_bus_get_timeout(buses[i], &usec) >= 0 && usec != UINT64_MAX) {
                 // CLOCK_MONOTONIC µs, steady_clock's clock on Linux.
@@ -511,8 +499,7 @@ struct FloorIo
     {
         const int fd = qemu_of(c).socket->native_handle();
         c.t0 = Clock::now();
-        const ssize_t n =
-            ::send(fd, qmp_line.data(), qmp_line.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+        const ssize_t n = ::send(fd, qmp_line.data(), qmp_line.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n != static_cast<ssize_t>(qmp_line.size())) {
             w->fail(n < 0 ? errno_text("floor: send") : std::string("floor: short send"));
             return;
@@ -658,9 +645,12 @@ enum class Side { dbus_one, dbus_each, floor };
 const char* side_name(Side s)
 {
     switch (s) {
-    case Side::dbus_one: return "dbus-one";
-    case Side::dbus_each: return "dbus-each";
-    case Side::floor: return "floor";
+    case Side::dbus_one:
+        return "dbus-one";
+    case Side::dbus_each:
+        return "dbus-each";
+    case Side::floor:
+        return "floor";
     }
     return "?";
 }
@@ -689,7 +679,7 @@ struct Load
     Clients clients;                // [0] shared by the callers of dbus-one; [k] caller k's
     BareQemus* floors = nullptr;    // floor QEMU i
     std::size_t machines = 0;
-    std::vector<pid_t> dbus_qemus; // the daemon's
+    std::vector<pid_t> dbus_qemus;  // the daemon's
     std::vector<pid_t> floor_qemus; // ours
 };
 
@@ -740,9 +730,9 @@ Run run_window(Load& load, Side side, int concurrency, Clock::duration warm,
         r.qemu_runs = static_cast<double>(cpu.qemu.runs) / n;
     }
     if (seconds > 0) {
-        r.busy = static_cast<double>(cpu.qemu.ns + cpu.daemon_cpu.ns + cpu.bus_cpu.ns +
-                                     cpu.self.ns) /
-                 1e9 / seconds / std::thread::hardware_concurrency();
+        r.busy =
+            static_cast<double>(cpu.qemu.ns + cpu.daemon_cpu.ns + cpu.bus_cpu.ns + cpu.self.ns) /
+            1e9 / seconds / std::thread::hardware_concurrency();
     }
     r.us = std::move(w.us);
     return r;
@@ -795,17 +785,6 @@ struct Row
     }
 };
 
-std::string range_of(const std::vector<double>& v)
-{
-    const auto [lo, hi] = std::minmax_element(v.begin(), v.end());
-    return fmt::format("{:.0f}-{:.0f}", *lo, *hi);
-}
-
-const char* verdict(bool pass)
-{
-    return pass ? "PASS" : "FAIL";
-}
-
 //---- main --------------------------------------------------------------------------------------
 
 void usage()
@@ -824,17 +803,6 @@ void usage()
         "both\n"
         "                      side by side (default both; at concurrency 1 they are the same)\n");
     fmt::print("{}", qm::bench::environment_usage);
-}
-
-std::vector<int> parse_list(std::string_view flag, std::string_view text)
-{
-    std::vector<int> out;
-    for (std::size_t at = 0; at <= text.size();) {
-        const std::size_t comma = std::min(text.find(',', at), text.size());
-        out.push_back(qm::bench::parse_int(flag, text.substr(at, comma - at), 1));
-        at = comma + 1;
-    }
-    return out;
 }
 
 // Runs every side of trial `t` in turn, the first one rotating from trial to trial, so that drift
@@ -925,8 +893,8 @@ int run(const Args& args)
         "turn and sends its next call when the previous answer arrived. Each window: {} ms "
         "unrecorded,\nthen {} s recorded; trials rotate which side goes first, after {} ms of "
         "each side unrecorded\nper concurrency.\n\n",
-        command, std::string_view(qmp_line).substr(0, qmp_line.size() - 1),
-        window_warm_up.count(), args.seconds, concurrency_warm_up.count());
+        command, std::string_view(qmp_line).substr(0, qmp_line.size() - 1), window_warm_up.count(),
+        args.seconds, concurrency_warm_up.count());
     std::fflush(stdout);
 
     const Clock::duration measure = std::chrono::seconds(args.seconds);
@@ -994,12 +962,11 @@ int run(const Args& args)
             all_pass = all_pass && pass;
             fmt::print("  concurrency {:>2} {:<9}: p50 {:.0f} us = floor {:.0f} {:+.0f} us {} | "
                        "absolute {} | p50 {:.2f}x, calls/s {:.0f} / {:.0f} = {:.2f}x the floor's\n",
-                       r.concurrency, side_name(f.side), f.p50(), r.floor().p50(),
-                       r.overhead_us(f), verdict(r.overhead_pass(f)),
+                       r.concurrency, side_name(f.side), f.p50(), r.floor().p50(), r.overhead_us(f),
+                       verdict(r.overhead_pass(f)),
                        r.absolute_applies()
                            ? fmt::format("{:.0f} us {}", f.p50(), verdict(r.absolute_pass(f)))
-                           : fmt::format("n/a (the floor's own p50 is {:.0f} us)",
-                                         r.floor().p50()),
+                           : fmt::format("n/a (the floor's own p50 is {:.0f} us)", r.floor().p50()),
                        f.p50() / r.floor().p50(), f.rate50(), r.floor().rate50(),
                        f.rate50() / r.floor().rate50());
         }
@@ -1045,9 +1012,9 @@ int run(const Args& args)
                 f.p50() / r.floor().p50(), f.rate50() / r.floor().rate50(),
                 r.overhead_pass(f) && r.absolute_pass(f));
         }
-        rows_json += fmt::format(R"({}{{"concurrency":{},{},"floor":{}}})",
-                                 rows_json.empty() ? "" : ",", r.concurrency, sides_json,
-                                 side_json(r.floor()));
+        rows_json +=
+            fmt::format(R"({}{{"concurrency":{},{},"floor":{}}})", rows_json.empty() ? "" : ",",
+                        r.concurrency, sides_json, side_json(r.floor()));
     }
     fmt::print("\nJSON "
                R"({{"bench":"dbus-bench","qemu":{},"machines":{},"trials":{},"seconds":{},)"
@@ -1095,7 +1062,9 @@ int main(int argc, char** argv)
         int_option("--seconds", args.seconds, 1),
         int_option("--trials", args.trials, 1),
         {"--concurrency",
-         [&](std::string_view v) { args.concurrency = parse_list("--concurrency", v); }},
+         [&](std::string_view v) {
+             args.concurrency = parse_list("--concurrency", v);
+         }},
         {"--connections",
          [&](std::string_view v) {
              if (v == "one") {
