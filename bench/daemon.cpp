@@ -359,17 +359,20 @@ void Daemon::close_watch()
 }
 
 void teardown(Daemon& daemon, const fs::path& dir, std::size_t machines,
-              std::optional<std::size_t> floor_failed, Clock::time_point started)
+              std::optional<std::size_t> floor_failed, Clock::time_point started,
+              const std::function<std::string()>& after_daemon)
 {
     const double stop_ms = daemon.stop(SIGTERM);
     const std::size_t left = daemon.kill_leftover_qemus();
+    const std::string after = after_daemon ? after_daemon() : std::string();
     const std::size_t sockets = sockets_under(dir);
     fmt::print("teardown: qmachined (shutdown-policy stop-machines) stopped its {} machines and "
-               "exited in {:.0f} ms\n  after SIGTERM;{} {} QEMU(s) left{}; {} socket(s) left;\n  "
-               "{} (definitions and logs, removed next);\n  load average at end {}; total {:.1f} "
-               "s\n",
+               "exited in {:.0f} ms\n  after SIGTERM;{} {} QEMU(s) left{}; {}{} socket(s) left;"
+               "\n  {} (definitions and logs, removed next);\n  load average at end {}; total "
+               "{:.1f} s\n",
                machines, stop_ms, floor_failed ? " floor QEMUs quit;" : "", left,
-               left > 0 ? " (KILLED)" : "", sockets, leftovers(dir), load_average(),
+               left > 0 ? " (KILLED)" : "", after.empty() ? "" : after + "; ", sockets,
+               leftovers(dir), load_average(),
                std::chrono::duration<double>(Clock::now() - started).count());
     if (floor_failed && *floor_failed > 0) {
         die(fmt::format("floor: {} QEMUs did not quit with status 0", *floor_failed));

@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -158,10 +159,13 @@ private:
 // stops its `machines` machines), which must exit with status 0 and leave no QEMU (one left is
 // killed) and no socket under `dir`. Prints a line on what it took and what was left (`started`:
 // when the run began); dies when anything was left, or when `floor_failed` (the bare QEMUs of the
-// run that did not quit with status 0, if it had any) is not 0.
+// run that did not quit with status 0, if it had any) is not 0. `after_daemon`, when given, stops
+// what had to outlive the daemon (its bus) before the files and children left are counted, and
+// returns what it has to say for the report.
 void teardown(Daemon& daemon, const std::filesystem::path& dir, std::size_t machines,
               std::optional<std::size_t> floor_failed,
-              std::chrono::steady_clock::time_point started);
+              std::chrono::steady_clock::time_point started,
+              const std::function<std::string()>& after_daemon = {});
 
 //---- REST: a Beast client on the unix socket ---------------------------------------------------
 

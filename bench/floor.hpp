@@ -102,22 +102,25 @@ inline double elapsed_ms(Clock::time_point from, Clock::time_point to)
     return std::chrono::duration<double, std::milli>(to - from).count();
 }
 
-// The QEMU binary as an absolute path, so that both sides exec the same file without a PATH search.
-inline std::string resolve_qemu()
+// `program` found in PATH, as an absolute path (the benchmarks exec without a PATH search).
+inline std::string find_in_path(const std::string& program)
 {
-    std::string bin = qm::test::QemuProcess::binary();
-    if (bin.find('/') != std::string::npos) {
-        return bin;
-    }
     const char* path = std::getenv("PATH");
     std::istringstream dirs(path != nullptr ? path : "");
     for (std::string d; std::getline(dirs, d, ':');) {
-        const fs::path p = fs::path(d.empty() ? "." : d) / bin;
+        const fs::path p = fs::path(d.empty() ? "." : d) / program;
         if (::access(p.c_str(), X_OK) == 0) {
             return fs::absolute(p).string();
         }
     }
-    die("'" + bin + "' not found in PATH");
+    die("'" + program + "' not found in PATH");
+}
+
+// The QEMU binary as an absolute path, so that both sides exec the same file without a PATH search.
+inline std::string resolve_qemu()
+{
+    std::string bin = qm::test::QemuProcess::binary();
+    return bin.find('/') != std::string::npos ? bin : find_in_path(bin);
 }
 
 // A private directory under `base` (every socket, log and machine directory of a run is inside
@@ -783,6 +786,23 @@ inline int parse_int(std::string_view flag, std::string_view s, int min)
             fmt::format("{} wants an integer >= {}, not '{}'", flag, min, s));
     }
     return v;
+}
+
+// A comma-separated list of integers >= 1 ("--concurrency 1,32").
+inline std::vector<int> parse_list(std::string_view flag, std::string_view text)
+{
+    std::vector<int> out;
+    for (std::size_t at = 0; at <= text.size();) {
+        const std::size_t comma = std::min(text.find(',', at), text.size());
+        out.push_back(parse_int(flag, text.substr(at, comma - at), 1));
+        at = comma + 1;
+    }
+    return out;
+}
+
+inline const char* verdict(bool pass)
+{
+    return pass ? "PASS" : "FAIL";
 }
 
 // An option that sets `target` to an integer >= min ("--trials 3").

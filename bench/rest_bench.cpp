@@ -46,12 +46,15 @@ using qm::bench::command_line;
 using qm::bench::Daemon;
 using qm::bench::die;
 using qm::bench::make_request;
+using qm::bench::parse_list;
 using qm::bench::percentile;
 using qm::bench::processes_sched;
 using qm::bench::qmachined_binary;
+using qm::bench::range_of;
 using qm::bench::Request;
 using qm::bench::Sched;
 using qm::bench::spawn_bare_qemu;
+using qm::bench::verdict;
 using Local = asio::local::stream_protocol;
 
 // The targets, at every concurrency.
@@ -391,17 +394,6 @@ struct Row
     bool ratio_pass() const { return ratio() >= throughput_target; }
 };
 
-std::string range_of(const std::vector<double>& v)
-{
-    const auto [lo, hi] = std::minmax_element(v.begin(), v.end());
-    return fmt::format("{:.0f}-{:.0f}", *lo, *hi);
-}
-
-const char* verdict(bool pass)
-{
-    return pass ? "PASS" : "FAIL";
-}
-
 //---- main --------------------------------------------------------------------------------------
 
 void usage()
@@ -415,17 +407,6 @@ void usage()
         "  --trials N          interleaved REST/floor trials per concurrency (default 3)\n"
         "  --concurrency LIST  concurrent clients, each at most --machines (default 1,32)\n");
     fmt::print("{}", qm::bench::environment_usage);
-}
-
-std::vector<int> parse_list(std::string_view flag, std::string_view text)
-{
-    std::vector<int> out;
-    for (std::size_t at = 0; at <= text.size();) {
-        const std::size_t comma = std::min(text.find(',', at), text.size());
-        out.push_back(qm::bench::parse_int(flag, text.substr(at, comma - at), 1));
-        at = comma + 1;
-    }
-    return out;
 }
 
 int run(const Args& args)
