@@ -4,6 +4,7 @@
 #include "daemon/ctl/client.hpp"
 
 #include <charconv>
+#include <limits>
 #include <utility>
 
 #include <sys/un.h>
@@ -277,7 +278,9 @@ expected<Response> Client::stream(std::string_view target,
     streaming_ = &socket;
     beast::flat_buffer buffer;
     http::response_parser<http::string_body> parser;
-    parser.body_limit(boost::none); // a stream has no end but the daemon's
+    // A stream has no end but the daemon's. Not boost::none: Beast 1.74 compares lengths with
+    // the optional limit, and every length is more than none.
+    parser.body_limit(std::numeric_limits<std::uint64_t>::max());
     // One read at a time; a read that did not complete within `idle` (or before stop()) is
     // cancelled and the stream ends.
     const auto read = [&](bool header) -> error_code {
@@ -314,7 +317,6 @@ expected<Response> Client::stream(std::string_view target,
     }
     if (parser.get().result_int() != 200) {
         // A refusal (400, 429, 503): a problem, read whole.
-        parser.body_limit(body_limit);
         bool done = false;
         http::async_read(socket, buffer, parser, [&](error_code e, std::size_t) {
             ec = e;
@@ -359,7 +361,14 @@ expected<std::unique_ptr<WebSocket>> Client::websocket(std::string_view target, 
     }));
     websocket::response_type res;
     error_code ec;
-    ws->handshake(res, "localhost", beast::string_view(target.data(), target.size()), ec);
+    bool done = false;
+    // The asynchronous handshake: the synchronous one drops the answer of a refusal.
+    ws->async_handshake(res, "localhost", beast::string_view(target.data(), target.size()),
+                        [&](error_code e) {
+                            ec = e;
+                            done = true;
+                        });
+    run_until(ioc_, [&] { return done; }, [] { return false; }, std::nullopt);
     if (ec == websocket::error::upgrade_declined) {
         refused = to_response(res);
         return std::unique_ptr<WebSocket>();

@@ -482,6 +482,13 @@ int cmd_edit(Context& c)
     if (spec == nullptr) {
         return exit_failed;
     }
+    // The spec changes only while there is no QEMU process: say so before the editor opens.
+    const std::string state = str(*doc, "state");
+    if (state != "defined" && state != "stopped" && state != "crashed" && state != "failed") {
+        std::fprintf(stderr, "Failed to edit '%s': it is %s; stop it first\n", name.c_str(),
+                     state.c_str());
+        return exit_failed;
+    }
     const auto generation = integer(*doc, "generation").value_or(0);
     const std::string before = pretty_json(*spec) + "\n";
     namespace fs = std::filesystem;
