@@ -89,9 +89,11 @@ qm::expected<Endpoint> find_endpoint(const ParsedArgs& args)
         e.unix_path = system_socket_fallback;
     }
     if (e.unix_path.empty()) {
+        // "XDG_RUNTIME_DIR is not set; use --runtime-dir": the daemon's advice, not ours.
+        const std::string& why = config.error().message;
         return qm::fail(qm::errc::connect_failed,
                         fmt::format("cannot find qmachined's socket: {}; use --socket PATH",
-                                    config.error().message));
+                                    why.substr(0, why.find(';'))));
     }
     return e;
 }

@@ -170,20 +170,31 @@ TEST(CliUsage, NoDaemonExitsThree)
 TEST(CliUsage, DefaultSocketIsTheDaemonsForAUser)
 {
     // A user (not root) with XDG_RUNTIME_DIR: the daemon's own default, as daemon/config.cpp
-    // picks it; setpriv runs qmachinectl as nobody.
-    if (::geteuid() != 0) {
-        GTEST_SKIP() << "needs root to run as another user";
+    // picks it (setpriv runs qmachinectl as nobody when the test runs as root). Unless a system
+    // qmachined runs here: then a user without a daemon of their own is sent to it.
+    std::vector<std::string> user{"env", "XDG_RUNTIME_DIR=/nonexistent-xdg", QM_QMACHINECTL, "list"};
+    if (::geteuid() == 0) {
+        user.insert(user.begin(), {"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"});
     }
-    const auto r = run_command({"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                                "env", "XDG_RUNTIME_DIR=/nonexistent-xdg", QM_QMACHINECTL, "list"});
-    if (std::filesystem::exists("/run/qmachined/qmachined.sock")) {
-        GTEST_SKIP() << "a system qmachined runs here: a user is sent to it";
+    const bool system_daemon = std::filesystem::exists("/run/qmachined/qmachined.sock");
+    const auto r = run_command(user);
+    if (system_daemon) {
+        EXPECT_EQ(r.err.find("/nonexistent-xdg"), std::string::npos) << r;
+    } else {
+        EXPECT_EQ(r.status, 3) << r;
+        EXPECT_NE(r.err.find("/nonexistent-xdg/qmachined/qmachined.sock"), std::string::npos) << r;
     }
-    EXPECT_EQ(r.status, 3) << r;
-    EXPECT_NE(r.err.find("/nonexistent-xdg/qmachined/qmachined.sock"), std::string::npos) << r;
-    const auto root = run_command({QM_QMACHINECTL, "list"});
-    EXPECT_EQ(root.status, 3) << root;
-    EXPECT_NE(root.err.find("/run/qmachined/qmachined.sock"), std::string::npos) << root;
+    const auto no_xdg = run_command({"env", "-u", "XDG_RUNTIME_DIR", QM_QMACHINECTL, "list"});
+    if (::geteuid() == 0) {
+        // Root: the system socket, whatever the environment.
+        if (!system_daemon) {
+            EXPECT_EQ(no_xdg.status, 3) << no_xdg;
+            EXPECT_NE(no_xdg.err.find("/run/qmachined/qmachined.sock"), std::string::npos) << no_xdg;
+        }
+    } else if (!system_daemon) {
+        EXPECT_EQ(no_xdg.status, 3) << no_xdg;
+        EXPECT_NE(no_xdg.err.find("XDG_RUNTIME_DIR is not set"), std::string::npos) << no_xdg;
+    }
 }
 
 // ---- with a daemon ---------------------------------------------------------------------------
