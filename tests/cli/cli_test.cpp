@@ -563,6 +563,40 @@ TEST_F(CliTest, TcpWithTheToken)
     EXPECT_FALSE(wrong.err.empty());
 }
 
+TEST_F(CliTest, BashCompletesCommandsOptionsAndMachineNames)
+{
+    const auto spec = write_spec("a", quick_spec());
+    ASSERT_EQ(ctl({"create", "alpha", "--spec", spec.string()}).status, 0);
+    ASSERT_EQ(ctl({"create", "beta", "--spec", spec.string()}).status, 0);
+    const std::string sock = socket_path().string();
+    // What the completion function offers for `words` (the last one is being completed).
+    const auto complete = [&](const std::vector<std::string>& words) {
+        std::string list;
+        for (const auto& w : words) {
+            list += "'" + w + "' ";
+        }
+        const std::string script = fmt::format(
+            "source '{}/daemon/ctl/qmachinectl.bash' && PATH='{}':\"$PATH\" && COMP_WORDS=({}) && "
+            "COMP_CWORD={} && _qmachinectl && printf '%s\\n' \"${{COMPREPLY[@]}}\" | sort",
+            QM_SOURCE_DIR, std::filesystem::path(QM_QMACHINECTL).parent_path().string(), list,
+            words.size() - 1);
+        const auto r = run_command({"bash", "-c", script});
+        EXPECT_EQ(r.status, 0) << r;
+        return r.out;
+    };
+    EXPECT_EQ(complete({"qmachinectl", "st"}), "start\nstop\n");
+    EXPECT_EQ(complete({"qmachinectl", "--socket", sock, "start", ""}), "alpha\nbeta\n");
+    EXPECT_EQ(complete({"qmachinectl", "--socket", sock, "show", "b"}), "beta\n");
+    EXPECT_EQ(complete({"qmachinectl", "--socket", sock, "show", "beta", ""}), "\n");
+    EXPECT_EQ(complete({"qmachinectl", "--socket", sock, "stop", "alpha", "--mode", ""}),
+              "powerdown\nquit\n");
+    EXPECT_NE(complete({"qmachinectl", "--socket", sock, "stop", "--"}).find("--timeout\n"),
+              std::string::npos);
+    EXPECT_EQ(complete({"qmachinectl", "--socket", sock, "wait", "alpha", "SH"}), "SHUTDOWN\n");
+    EXPECT_EQ(complete({"qmachinectl", "--socket", sock, "events", "--machine", "al"}), "alpha\n");
+    EXPECT_EQ(complete({"qmachinectl", "--js"}), "--json\n");
+}
+
 // ---- the console through a pseudo-terminal, with the test guest -------------------------------
 
 // qmachinectl on a pseudo-terminal of the test's: the test holds both ends, so it can read the
