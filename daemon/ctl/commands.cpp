@@ -731,6 +731,9 @@ public:
         }
     }
 
+    // stdout is gone (a closed pipe: qmachinectl events -f | head -3).
+    bool broken() const { return std::ferror(stdout) != 0; }
+
 private:
     SseParser parser_;
     bool json_;
@@ -777,7 +780,15 @@ int cmd_events(Context& c)
     // Without --follow: the ring's events come at once after ": subscribed"; a quiet gap ends it.
     const std::optional<std::chrono::milliseconds> idle =
         follow ? std::nullopt : std::optional<std::chrono::milliseconds>(300ms);
-    auto r = c.client.stream(target, [&](std::string_view bytes) { printer.feed(bytes); }, idle);
+    auto r = c.client.stream(
+        target,
+        [&](std::string_view bytes) {
+            printer.feed(bytes);
+            if (printer.broken()) {
+                c.client.stop();
+            }
+        },
+        idle);
     error_code ignored;
     signals.cancel(ignored);
     if (!r) {
@@ -930,6 +941,9 @@ int cmd_log(Context& c)
         }
         out(log_increment(previous, next->body));
         std::fflush(stdout);
+        if (std::ferror(stdout) != 0) {
+            break; // stdout is gone (a closed pipe)
+        }
         previous = std::move(next->body);
     }
     timer.cancel();
