@@ -785,6 +785,12 @@ inline int parse_int(std::string_view flag, std::string_view s, int min)
     return v;
 }
 
+// An option that sets `target` to an integer >= min ("--trials 3").
+inline Option int_option(std::string_view name, int& target, int min)
+{
+    return {name, [name, &target, min](std::string_view v) { target = parse_int(name, v, min); }};
+}
+
 // What the run left behind: files in its directory and children not reaped.
 inline std::string leftovers(const fs::path& dir)
 {

@@ -79,12 +79,27 @@ std::string describe(const EventSelector& selector)
 
 //---- Event ---------------------------------------------------------------------------------------
 
+namespace {
+const std::shared_ptr<const std::string>& null_text()
+{
+    static const auto text = std::make_shared<const std::string>("null");
+    return text;
+}
+} // namespace
+
+Event::Event()
+    : text_(null_text())
+{}
+
 Event::Event(std::shared_ptr<const json::Document> json)
     : json_(std::move(json))
 {
     if (json_ != nullptr) {
         const json::Value* seq = json::find(*json_, "seq");
         seq_ = seq != nullptr && seq->IsUint64() ? seq->GetUint64() : 0;
+        text_ = std::make_shared<const std::string>(json::to_string(*json_));
+    } else {
+        text_ = null_text();
     }
 }
 

@@ -50,7 +50,7 @@ inline constexpr std::string_view events_dropped = "EVENTS_DROPPED";
 class Event
 {
 public:
-    Event() = default;
+    Event();
     // `json` is the whole event object: {"seq", "machine", "event", "data", "timestamp":
     // {"seconds", "microseconds"}, "qmp": bool}.
     explicit Event(std::shared_ptr<const json::Document> json);
@@ -65,11 +65,14 @@ public:
     std::int64_t timestamp_us() const;
     // The whole object, as event_match sees it and as the front ends send it.
     const json::Value& json() const { return *json_; }
-    std::string to_json() const { return json::to_string(*json_); }
+    // The object as compact JSON, written once when the event is made (every subscriber,
+    // wait and front end shares it).
+    const std::string& to_json() const { return *text_; }
     bool valid() const noexcept { return json_ != nullptr; }
 
 private:
     std::shared_ptr<const json::Document> json_;
+    std::shared_ptr<const std::string> text_;
     std::uint64_t seq_ = 0; // cached: the ring is indexed by it
 };
 

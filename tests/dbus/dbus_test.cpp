@@ -473,9 +473,9 @@ TEST_F(DbusLifecycleTest, LimitExceededUnresponsiveAndShuttingDown)
             << method << " wanted " << name << ", got: " << r.err << r.out;
     };
     const std::string path = create_quick("h");
-    // A stop that takes a while: -machine none has no ACPI, the power button is ignored for 3 s.
+    // A stop that takes a while: -machine none has no ACPI, the power button is ignored for 6 s.
     const std::string slow_spec = fmt::format(
-        R"({{"binary": {}, "machine": "none", "shutdown": {{"mode": "powerdown", "timeout_s": 3}}}})",
+        R"({{"binary": {}, "machine": "none", "shutdown": {{"mode": "powerdown", "timeout_s": 6}}}})",
         json::quote(QemuProcess::binary()));
     ASSERT_EQ(busctl({"call", "org.qmachined1", manager, manager_iface, "CreateMachine", "ss",
                       "slow", slow_spec})
@@ -502,7 +502,7 @@ TEST_F(DbusLifecycleTest, LimitExceededUnresponsiveAndShuttingDown)
     ASSERT_EQ(::kill(static_cast<pid_t>(pid), SIGCONT), 0);
     EXPECT_TRUE(eventually([&] { return string_property(path, "State") == "running"; }, 20s));
 
-    // SIGTERM with stop-machines: while "slow" takes its 3 s, new operations are refused.
+    // SIGTERM with stop-machines: while "slow" takes its 6 s, new operations are refused.
     sd_bus_message_unref(call(manager, manager_iface, "StartMachine", "s", "slow"));
     daemon().signal(SIGTERM);
     ASSERT_TRUE(eventually([&] { return daemon().says("stopping every machine"); }, 10s));
