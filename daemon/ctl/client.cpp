@@ -283,6 +283,9 @@ expected<Response> Client::stream(std::string_view target,
     parser.body_limit(std::numeric_limits<std::uint64_t>::max());
     // One read at a time; a read that did not complete within `idle` (or before stop()) is
     // cancelled and the stream ends.
+    // The idle limit starts with the first bytes of the body (": subscribed"): a loaded daemon
+    // may take its time to answer, but once subscribed it sends what it holds at once.
+    bool started = false;
     const auto read = [&](bool header) -> error_code {
         bool done = false;
         error_code result;
@@ -295,7 +298,8 @@ expected<Response> Client::stream(std::string_view target,
         } else {
             http::async_read_some(socket, buffer, parser, handler);
         }
-        run_until(ioc_, [&] { return done; }, [&] { return stopped_; }, idle);
+        run_until(ioc_, [&] { return done; }, [&] { return stopped_; },
+                  started ? idle : std::nullopt);
         if (!done) {
             error_code ignored;
             socket.cancel(ignored);
@@ -330,6 +334,7 @@ expected<Response> Client::stream(std::string_view target,
         ec = read(false);
         std::string& body = parser.get().body();
         if (!body.empty()) {
+            started = true;
             on_data(body);
             body.clear();
         }

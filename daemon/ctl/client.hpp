@@ -69,9 +69,9 @@ public:
                                std::string body = {}, std::string if_match = {});
 
     // GET `target` as a Server-Sent Events stream: `on_data` gets the body's bytes as they come
-    // (any split). Returns the non-2xx answer when the daemon refused, nullopt-like OK response
-    // (status 200, empty body) when the stream ended: the daemon closed it, `idle` passed without
-    // a byte (when set), or stop() was called (a signal handler on io()).
+    // (any split). Returns the non-2xx answer when the daemon refused, and a 200 with an empty
+    // body when the stream ended: the daemon closed it, `idle` (when set) passed without a byte
+    // after the first ones, or stop() was called (a signal handler on io()).
     expected<Response> stream(std::string_view target,
                               const std::function<void(std::string_view)>& on_data,
                               std::optional<std::chrono::milliseconds> idle = std::nullopt);

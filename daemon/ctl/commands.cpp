@@ -779,7 +779,7 @@ int cmd_events(Context& c)
     });
     // Without --follow: the ring's events come at once after ": subscribed"; a quiet gap ends it.
     const std::optional<std::chrono::milliseconds> idle =
-        follow ? std::nullopt : std::optional<std::chrono::milliseconds>(300ms);
+        follow ? std::nullopt : std::optional<std::chrono::milliseconds>(500ms);
     auto r = c.client.stream(
         target,
         [&](std::string_view bytes) {
@@ -1099,7 +1099,7 @@ const std::array<Command, 18> command_table{{
      qmp_options, cmd_qmp},
     {"events", "", 0, 0, "Print events",
      "Without --follow: the events qmachined still holds (its last 4096 by default; those after\n"
-     "--since), then exits once none came for 0.3 s. With --follow: from now on (or from --since),\n"
+     "--since), then exits once none came for 0.5 s. With --follow: from now on (or from --since),\n"
      "until Ctrl-C. One event per line: sequence number, time (UTC), machine, event, data.",
      events_options, cmd_events},
     {"wait", "NAME [EVENT]", 1, 2, "Wait for an event or console output",

@@ -110,11 +110,13 @@ bool write_all(int fd, std::string_view bytes)
 class Session
 {
 public:
-    Session(asio::io_context& ioc, WebSocket& ws, const ConsoleOptions& options, bool raw)
+    // `signals` (SIGINT, SIGTERM, SIGHUP) were taken before the terminal went raw.
+    Session(asio::io_context& ioc, WebSocket& ws, const ConsoleOptions& options, bool raw,
+            asio::signal_set& signals)
         : ws_(ws)
         , options_(options)
         , raw_(raw)
-        , signals_(ioc, SIGINT, SIGTERM, SIGHUP)
+        , signals_(signals)
         , input_(ioc)
         , close_timer_(ioc)
     {
@@ -282,7 +284,7 @@ private:
     WebSocket& ws_;
     const ConsoleOptions& options_;
     bool raw_;
-    asio::signal_set signals_;
+    asio::signal_set& signals_;
     asio::posix::stream_descriptor input_;
     asio::steady_timer close_timer_;
     beast::flat_buffer in_;
@@ -320,6 +322,9 @@ int run_console(Client& client, const ConsoleOptions& options)
     int status = 0;
     bool raw = false;
     {
+        // The signals are ours before the terminal goes raw: a SIGTERM from now on ends the
+        // session through the guard's restore, never with the default action.
+        asio::signal_set signals(client.io(), SIGINT, SIGTERM, SIGHUP);
         const bool interactive = !options.read_only && ::isatty(STDIN_FILENO) == 1;
         const TerminalGuard terminal(interactive);
         raw = terminal.raw();
@@ -334,7 +339,7 @@ int run_console(Client& client, const ConsoleOptions& options)
             hello += raw ? "\r\n" : "\n";
             write_all(STDERR_FILENO, hello);
         }
-        Session session(client.io(), **ws, options, raw);
+        Session session(client.io(), **ws, options, raw, signals);
         status = session.run(client.io());
         message = session.message();
     }
