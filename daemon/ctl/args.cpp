@@ -109,9 +109,9 @@ expected<ParsedArgs> parse_args(std::span<const std::string> args,
                 inline_value = arg.substr(2);
             }
             if (spec != nullptr && !spec->takes_value() && inline_value) {
-                return fail(errc::invalid_argument,
-                            fmt::format("unknown option '{}' (short options cannot be combined)",
-                                        arg));
+                return fail(
+                    errc::invalid_argument,
+                    fmt::format("unknown option '{}' (short options cannot be combined)", arg));
             }
         }
         if (spec == nullptr) {
@@ -128,8 +128,7 @@ expected<ParsedArgs> parse_args(std::span<const std::string> args,
                             fmt::format("option '{}' needs a value ({})", shown, spec->value_name));
             }
         } else if (inline_value) {
-            return fail(errc::invalid_argument,
-                        fmt::format("option '{}' takes no value", shown));
+            return fail(errc::invalid_argument, fmt::format("option '{}' takes no value", shown));
         }
         out.options.emplace_back(std::string(spec->name), std::move(value));
     }
@@ -167,8 +166,9 @@ expected<std::int64_t> parse_integer(std::string_view what, std::string_view tex
     std::int64_t n = 0;
     const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), n);
     if (ec != std::errc() || end != text.data() + text.size() || n < min || n > max) {
-        return fail(errc::invalid_argument, fmt::format("{}: '{}' is not a whole number from {} to {}",
-                                                        what, text, min, max));
+        return fail(
+            errc::invalid_argument,
+            fmt::format("{}: '{}' is not a whole number from {} to {}", what, text, min, max));
     }
     return n;
 }
@@ -179,9 +179,9 @@ expected<double> parse_seconds(std::string_view what, std::string_view text, dou
     char* end = nullptr;
     const double d = std::strtod(s.c_str(), &end);
     if (s.empty() || end != s.c_str() + s.size() || !std::isfinite(d) || d < min || d > max) {
-        return fail(errc::invalid_argument,
-                    fmt::format("{}: '{}' is not a number of seconds from {} to {}", what, text,
-                                min, max));
+        return fail(
+            errc::invalid_argument,
+            fmt::format("{}: '{}' is not a number of seconds from {} to {}", what, text, min, max));
     }
     return d;
 }

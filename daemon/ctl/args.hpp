@@ -16,8 +16,8 @@ namespace qm::ctl {
 
 struct OptionSpec
 {
-    std::string_view name; // "socket" for --socket
-    char short_name = 0;   // 'f' for -f; 0: none
+    std::string_view name;       // "socket" for --socket
+    char short_name = 0;         // 'f' for -f; 0: none
     std::string_view value_name; // "PATH"; empty: a flag without a value
     std::string_view help;
 
@@ -52,6 +52,7 @@ std::size_t find_command(std::span<const std::string> args, std::span<const Opti
 expected<std::int64_t> parse_integer(std::string_view what, std::string_view text, std::int64_t min,
                                      std::int64_t max);
 // A number of seconds (fractions allowed) within (0 or min, max]: "1.5".
-expected<double> parse_seconds(std::string_view what, std::string_view text, double min, double max);
+expected<double> parse_seconds(std::string_view what, std::string_view text, double min,
+                               double max);
 
 } // namespace qm::ctl

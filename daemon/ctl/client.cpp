@@ -118,8 +118,7 @@ std::string problem_detail(const Response& r)
 
 Client::Client(Endpoint endpoint)
     : endpoint_(std::move(endpoint))
-{
-}
+{}
 
 Error Client::transport_error(const error_code& ec, std::string_view what) const
 {
@@ -298,12 +297,13 @@ expected<Response> Client::stream(std::string_view target,
         } else {
             http::async_read_some(socket, buffer, parser, handler);
         }
-        run_until(ioc_, [&] { return done; }, [&] { return stopped_; },
-                  started ? idle : std::nullopt);
+        run_until(
+            ioc_, [&] { return done; }, [&] { return stopped_; }, started ? idle : std::nullopt);
         if (!done) {
             error_code ignored;
             socket.cancel(ignored);
-            run_until(ioc_, [&] { return done; }, [] { return false; }, std::nullopt);
+            run_until(
+                ioc_, [&] { return done; }, [] { return false; }, std::nullopt);
             return asio::error::operation_aborted;
         }
         return result;
@@ -326,7 +326,8 @@ expected<Response> Client::stream(std::string_view target,
             ec = e;
             done = true;
         });
-        run_until(ioc_, [&] { return done; }, [] { return false; }, std::nullopt);
+        run_until(
+            ioc_, [&] { return done; }, [] { return false; }, std::nullopt);
         streaming_ = nullptr;
         return to_response(parser.get());
     }
@@ -373,7 +374,8 @@ expected<std::unique_ptr<WebSocket>> Client::websocket(std::string_view target, 
                             ec = e;
                             done = true;
                         });
-    run_until(ioc_, [&] { return done; }, [] { return false; }, std::nullopt);
+    run_until(
+        ioc_, [&] { return done; }, [] { return false; }, std::nullopt);
     if (ec == websocket::error::upgrade_declined) {
         refused = to_response(res);
         return std::unique_ptr<WebSocket>();

@@ -4,8 +4,8 @@
 #include "daemon/ctl/commands.hpp"
 
 #include <algorithm>
-#include <cctype>
 #include <array>
+#include <cctype>
 #include <cerrno>
 #include <chrono>
 #include <climits>
@@ -171,7 +171,8 @@ std::string event_line(const json::Value& e)
 {
     std::string when = "-";
     if (const auto* ts = json::find(e, "timestamp")) {
-        when = utc_time(integer(*ts, "seconds").value_or(0), integer(*ts, "microseconds").value_or(0));
+        when =
+            utc_time(integer(*ts, "seconds").value_or(0), integer(*ts, "microseconds").value_or(0));
     }
     std::string data;
     if (const auto* d = json::find(e, "data")) {
@@ -189,7 +190,8 @@ expected<std::string> read_file(const std::string& path)
     }
     std::ifstream f(path, std::ios::binary);
     if (!f) {
-        return fail(errc::system_error, fmt::format("cannot read '{}': {}", path, std::strerror(errno)));
+        return fail(errc::system_error,
+                    fmt::format("cannot read '{}': {}", path, std::strerror(errno)));
     }
     return std::string(std::istreambuf_iterator<char>(f), {});
 }
@@ -337,12 +339,14 @@ int cmd_show(Context& c)
     rows.emplace_back("Arguments", args.empty() ? "-" : args);
     if (const auto* con = json::find(spec, "console")) {
         const bool on = json::find(*con, "enabled") && json::find(*con, "enabled")->IsTrue();
-        rows.emplace_back("Console", on ? fmt::format("enabled (ring {} B, log {} B)",
-                                                      int_or(*con, "ring_size"), int_or(*con, "log_size"))
-                                        : "disabled");
+        rows.emplace_back("Console",
+                          on ? fmt::format("enabled (ring {} B, log {} B)",
+                                           int_or(*con, "ring_size"), int_or(*con, "log_size"))
+                             : "disabled");
     }
     if (const auto* sd = json::find(spec, "shutdown")) {
-        rows.emplace_back("Shutdown", fmt::format("{}, {} s", str(*sd, "mode"), int_or(*sd, "timeout_s")));
+        rows.emplace_back("Shutdown",
+                          fmt::format("{}, {} s", str(*sd, "mode"), int_or(*sd, "timeout_s")));
     }
     if (const auto* rs = json::find(spec, "restart")) {
         rows.emplace_back("Restart policy",
@@ -492,13 +496,16 @@ int cmd_edit(Context& c)
     const auto generation = integer(*doc, "generation").value_or(0);
     const std::string before = pretty_json(*spec) + "\n";
     namespace fs = std::filesystem;
-    std::string templ = (fs::temp_directory_path() / ("qmachinectl-" + name + "-XXXXXX.json")).string();
+    std::string templ =
+        (fs::temp_directory_path() / ("qmachinectl-" + name + "-XXXXXX.json")).string();
     const int fd = ::mkstemps(templ.data(), 5);
     if (fd < 0) {
-        std::fprintf(stderr, "qmachinectl: cannot create a temporary file: %s\n", std::strerror(errno));
+        std::fprintf(stderr, "qmachinectl: cannot create a temporary file: %s\n",
+                     std::strerror(errno));
         return exit_failed;
     }
-    const bool written = ::write(fd, before.data(), before.size()) == static_cast<ssize_t>(before.size());
+    const bool written =
+        ::write(fd, before.data(), before.size()) == static_cast<ssize_t>(before.size());
     ::close(fd);
     if (!written) {
         std::fprintf(stderr, "qmachinectl: cannot write %s\n", templ.c_str());
@@ -535,7 +542,8 @@ int cmd_edit(Context& c)
     if (!put->ok()) {
         failed("edit", name, *put);
         if (put->status == 412) {
-            std::fprintf(stderr, "The spec changed while you edited it; run 'qmachinectl edit %s' again.\n",
+            std::fprintf(stderr,
+                         "The spec changed while you edited it; run 'qmachinectl edit %s' again.\n",
                          name.c_str());
         }
         std::fprintf(stderr, "Your edit is kept in %s\n", templ.c_str());
@@ -702,8 +710,7 @@ public:
     EventPrinter(bool as_json, bool quiet_first_lag)
         : json_(as_json)
         , quiet_first_lag_(quiet_first_lag)
-    {
-    }
+    {}
 
     void feed(std::string_view bytes)
     {
@@ -847,8 +854,8 @@ int cmd_wait(Context& c)
         members.push_back(fmt::format("\"timeout_s\":{}", *s));
     }
     const std::string body = "{" + fmt::format("{}", fmt::join(members, ",")) + "}";
-    auto r = c.client.request("POST", machine_path(name, pattern ? "/console/wait" : "/events/wait"),
-                              body);
+    auto r = c.client.request("POST",
+                              machine_path(name, pattern ? "/console/wait" : "/events/wait"), body);
     if (!r) {
         return unreachable(r.error());
     }
@@ -962,7 +969,8 @@ int cmd_console(Context& c)
     if (auto escape = c.args.last("escape")) {
         auto key = parse_escape(*escape);
         if (!key) {
-            return usage_error(fmt::format("--escape: '{}' is not ^X (a control key) or none", *escape));
+            return usage_error(
+                fmt::format("--escape: '{}' is not ^X (a control key) or none", *escape));
         }
         options.escape = *key;
     }
@@ -1067,26 +1075,78 @@ constexpr std::array<OptionSpec, 2> console_options{{
 constexpr std::size_t any = SIZE_MAX;
 
 const std::array<Command, 18> command_table{{
-    {"list", "", 0, 0, "List the machines", "A table of every machine: its state and since when, QEMU's pid, CPUs and memory, the operation in progress.", list_options, cmd_list},
-    {"show", "NAME", 1, 1, "Show a machine", "Everything qmachined knows of the machine: state, process, last stop, spec, files.", {}, cmd_show},
+    {"list", "", 0, 0, "List the machines",
+     "A table of every machine: its state and since when, QEMU's pid, CPUs and memory, the "
+     "operation in progress.",
+     list_options, cmd_list},
+    {"show",
+     "NAME",
+     1,
+     1,
+     "Show a machine",
+     "Everything qmachined knows of the machine: state, process, last stop, spec, files.",
+     {},
+     cmd_show},
     {"create", "NAME", 1, 1, "Create a machine",
-     "Defines a machine (it is not started). The spec comes from --spec, the other options, or both\n"
+     "Defines a machine (it is not started). The spec comes from --spec, the other options, or "
+     "both\n"
      "(the options override the file's fields). Every field left out takes its default.",
      create_options, cmd_create},
-    {"edit", "NAME", 1, 1, "Edit a machine's spec in $EDITOR",
+    {"edit",
+     "NAME",
+     1,
+     1,
+     "Edit a machine's spec in $EDITOR",
      "Opens the spec in $VISUAL or $EDITOR (vi without either) and sends it back when it changed,\n"
-     "with the generation it was read at: a change made meanwhile by someone else is not overwritten\n"
+     "with the generation it was read at: a change made meanwhile by someone else is not "
+     "overwritten\n"
      "(the edit is refused and kept in its temporary file). The machine must not be running.",
-     {}, cmd_edit},
-    {"start", "NAME...", 1, any, "Start machines", "Answers once QMP is negotiated: the machine is running.", {}, cmd_start},
+     {},
+     cmd_edit},
+    {"start",
+     "NAME...",
+     1,
+     any,
+     "Start machines",
+     "Answers once QMP is negotiated: the machine is running.",
+     {},
+     cmd_start},
     {"stop", "NAME...", 1, any, "Stop machines gracefully",
      "By the spec's shutdown (or --mode and --timeout); QEMU is killed when the graceful part\n"
      "fails. Answers once the process has exited.",
      stop_options, cmd_stop},
-    {"kill", "NAME...", 1, any, "Kill QEMU at once", "SIGKILL now, whatever is in progress.", {}, cmd_kill},
-    {"pause", "NAME...", 1, any, "Pause the guest's CPUs", "QMP stop; answers once QEMU reported it.", {}, cmd_pause},
-    {"resume", "NAME...", 1, any, "Resume the guest's CPUs", "QMP cont; answers once QEMU reported it.", {}, cmd_resume},
-    {"restart", "NAME...", 1, any, "Stop, then start machines", "A stop (by the spec's shutdown) and a start as one operation.", {}, cmd_restart},
+    {"kill",
+     "NAME...",
+     1,
+     any,
+     "Kill QEMU at once",
+     "SIGKILL now, whatever is in progress.",
+     {},
+     cmd_kill},
+    {"pause",
+     "NAME...",
+     1,
+     any,
+     "Pause the guest's CPUs",
+     "QMP stop; answers once QEMU reported it.",
+     {},
+     cmd_pause},
+    {"resume",
+     "NAME...",
+     1,
+     any,
+     "Resume the guest's CPUs",
+     "QMP cont; answers once QEMU reported it.",
+     {},
+     cmd_resume},
+    {"restart",
+     "NAME...",
+     1,
+     any,
+     "Stop, then start machines",
+     "A stop (by the spec's shutdown) and a start as one operation.",
+     {},
+     cmd_restart},
     {"delete", "NAME...", 1, any, "Delete machines",
      "Removes the definition and the runtime files. A machine with a QEMU process is refused\n"
      "unless --force, which kills it first.",
@@ -1099,11 +1159,13 @@ const std::array<Command, 18> command_table{{
      qmp_options, cmd_qmp},
     {"events", "", 0, 0, "Print events",
      "Without --follow: the events qmachined still holds (its last 4096 by default; those after\n"
-     "--since), then exits once none came for 0.5 s. With --follow: from now on (or from --since),\n"
+     "--since), then exits once none came for 0.5 s. With --follow: from now on (or from "
+     "--since),\n"
      "until Ctrl-C. One event per line: sequence number, time (UTC), machine, event, data.",
      events_options, cmd_events},
     {"wait", "NAME [EVENT]", 1, 2, "Wait for an event or console output",
-     "Waits for the next event named EVENT ('any': any name) of the machine, or with --console for\n"
+     "Waits for the next event named EVENT ('any': any name) of the machine, or with --console "
+     "for\n"
      "its console output to match REGEX. Exits 1 when it timed out.\n"
      "Example: qmachinectl wait web1 SHUTDOWN --timeout 60\n"
      "         qmachinectl wait web1 STATE_CHANGED --match '{\"data\": {\"state\": \"stopped\"}}'\n"
@@ -1119,7 +1181,14 @@ const std::array<Command, 18> command_table{{
      "as telnet and virsh; --escape changes it). One client at a time may write; --read-only\n"
      "watches (Ctrl-C leaves). The terminal is restored on every way out.",
      console_options, cmd_console},
-    {"version", "", 0, 0, "Print the versions of qmachinectl, qmachined and QEMU", "", {}, cmd_version},
+    {"version",
+     "",
+     0,
+     0,
+     "Print the versions of qmachinectl, qmachined and QEMU",
+     "",
+     {},
+     cmd_version},
     {"help", "[COMMAND]", 0, 1, "Show the help of qmachinectl or of a command", "", {}, nullptr},
 }};
 
@@ -1167,12 +1236,11 @@ std::span<const OptionSpec> global_options()
 
 std::string program_help()
 {
-    std::string text =
-        "Usage: qmachinectl [OPTIONS] COMMAND [ARGS...]\n"
-        "\n"
-        "Controls qmachined, the QEMU machine supervisor, over its REST API.\n"
-        "\n"
-        "Commands:\n";
+    std::string text = "Usage: qmachinectl [OPTIONS] COMMAND [ARGS...]\n"
+                       "\n"
+                       "Controls qmachined, the QEMU machine supervisor, over its REST API.\n"
+                       "\n"
+                       "Commands:\n";
     for (const auto& c : command_table) {
         text += fmt::format("  {:<10} {}\n", c.name, c.summary);
     }
@@ -1181,7 +1249,8 @@ std::string program_help()
     text +=
         "\n"
         "Without --socket or --url, the socket is the one qmachined uses by default:\n"
-        "/run/qmachined/qmachined.sock as root, $XDG_RUNTIME_DIR/qmachined/qmachined.sock for a user\n"
+        "/run/qmachined/qmachined.sock as root, $XDG_RUNTIME_DIR/qmachined/qmachined.sock for a "
+        "user\n"
         "(or the system one when a user's daemon has no socket).\n"
         "\n"
         "Exit status: 0 ok, 1 the operation failed, 2 bad usage, 3 qmachined cannot be reached.\n"
@@ -1200,7 +1269,8 @@ std::string command_help(const Command& c)
     if (!c.options.empty()) {
         text += "\nOptions:\n" + option_lines(c.options);
     }
-    text += "\nCommon options: --socket PATH, --url URL, --token TOKEN, --token-file FILE, --json.\n";
+    text +=
+        "\nCommon options: --socket PATH, --url URL, --token TOKEN, --token-file FILE, --json.\n";
     return text;
 }
 

@@ -119,8 +119,7 @@ public:
         , signals_(signals)
         , input_(ioc)
         , close_timer_(ioc)
-    {
-    }
+    {}
 
     // Runs until the WebSocket ended; returns the exit status.
     int run(asio::io_context& ioc)
@@ -345,7 +344,8 @@ int run_console(Client& client, const ConsoleOptions& options)
     }
     if (options.banner) {
         std::fprintf(stderr, "\n%s\n",
-                     message.empty() ? "Disconnected." : ("Disconnected: " + message + ".").c_str());
+                     message.empty() ? "Disconnected."
+                                     : ("Disconnected: " + message + ".").c_str());
     }
     return status;
 }

@@ -151,8 +151,9 @@ int run(const std::vector<std::string>& args)
     if (n < command->min_args || n > command->max_args) {
         std::string what = command->arguments.empty() ? std::string("no arguments")
                                                       : std::string(command->arguments);
-        return usage(fmt::format("'{}' takes {}{}", command->name, what,
-                                 n < command->min_args ? "" : fmt::format(", not {} arguments", n)));
+        return usage(
+            fmt::format("'{}' takes {}{}", command->name, what,
+                        n < command->min_args ? "" : fmt::format(", not {} arguments", n)));
     }
     auto endpoint = find_endpoint(*parsed);
     if (!endpoint) {

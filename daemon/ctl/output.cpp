@@ -155,7 +155,8 @@ void SseParser::line(std::string_view l, std::vector<SseMessage>& out)
     }
     const auto colon = l.find(':');
     const std::string_view field = l.substr(0, colon);
-    std::string_view value = colon == std::string_view::npos ? std::string_view() : l.substr(colon + 1);
+    std::string_view value =
+        colon == std::string_view::npos ? std::string_view() : l.substr(colon + 1);
     if (value.starts_with(' ')) {
         value.remove_prefix(1);
     }
@@ -179,7 +180,8 @@ std::string log_increment(std::string_view previous, std::string_view current)
     }
     // The window moved on: the last bytes of `previous` are somewhere in `current`, and what
     // follows them is new. 4 KiB of context makes a false match unlikely.
-    const std::string_view tail = previous.substr(previous.size() - std::min<std::size_t>(previous.size(), 4096));
+    const std::string_view tail =
+        previous.substr(previous.size() - std::min<std::size_t>(previous.size(), 4096));
     const auto at = current.rfind(tail);
     if (!tail.empty() && at != std::string_view::npos) {
         return std::string(current.substr(at + tail.size()));

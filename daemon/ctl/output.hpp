@@ -27,7 +27,8 @@ class Table
 public:
     explicit Table(std::vector<std::string> header);
     // `shown` overrides what is printed (a coloured state) while `cell` gives the width.
-    void add_row(std::vector<std::string> cells, std::vector<std::optional<std::string>> shown = {});
+    void add_row(std::vector<std::string> cells,
+                 std::vector<std::optional<std::string>> shown = {});
     std::string render() const;
 
 private:
@@ -61,7 +62,7 @@ public:
 private:
     void line(std::string_view l, std::vector<SseMessage>& out);
 
-    std::string partial_; // an unfinished line
+    std::string partial_;   // an unfinished line
     bool after_cr_ = false; // the last byte was '\r' (a following '\n' belongs to it)
     SseMessage current_;
     bool has_data_ = false;

@@ -43,8 +43,8 @@ std::ostream& operator<<(std::ostream& os, const CommandResult& r)
 namespace {
 
 const std::vector<std::string> all_commands{
-    "list",   "show",   "create", "edit", "start", "stop", "kill",    "pause",   "resume",
-    "restart", "delete", "qmp",   "events", "wait", "log", "console", "version", "help"};
+    "list",    "show",   "create", "edit",   "start", "stop", "kill",    "pause",   "resume",
+    "restart", "delete", "qmp",    "events", "wait",  "log",  "console", "version", "help"};
 
 // Runs qmachinectl with `args` (no daemon options added).
 CommandResult ctl_raw(const std::vector<std::string>& args, std::chrono::milliseconds d = 60s)
@@ -99,7 +99,8 @@ TEST(CliUsage, HelpForEveryCommandExitsZero)
     const auto top = ctl_raw({"--help"});
     EXPECT_EQ(top.status, 0);
     for (const auto& c : all_commands) {
-        EXPECT_NE(top.out.find("  " + c + " "), std::string::npos) << c << " missing in\n" << top.out;
+        EXPECT_NE(top.out.find("  " + c + " "), std::string::npos) << c << " missing in\n"
+                                                                   << top.out;
     }
     EXPECT_NE(top.out.find("Exit status"), std::string::npos);
     const auto v = ctl_raw({"--version"});
@@ -148,11 +149,25 @@ TEST(CliUsage, NoDaemonExitsThree)
 {
     const std::string sock = "/nonexistent/qmachined.sock";
     const std::vector<std::vector<std::string>> cases{
-        {"list"},         {"show", "a"},         {"create", "a"},     {"edit", "a"},
-        {"start", "a"},   {"stop", "a"},         {"kill", "a"},       {"pause", "a"},
-        {"resume", "a"},  {"restart", "a"},      {"delete", "a"},     {"qmp", "a", "query-status"},
-        {"events"},       {"events", "-f"},      {"wait", "a", "x"},  {"log", "a"},
-        {"log", "a", "--console", "-f"}, {"console", "a"}, {"version"},
+        {"list"},
+        {"show", "a"},
+        {"create", "a"},
+        {"edit", "a"},
+        {"start", "a"},
+        {"stop", "a"},
+        {"kill", "a"},
+        {"pause", "a"},
+        {"resume", "a"},
+        {"restart", "a"},
+        {"delete", "a"},
+        {"qmp", "a", "query-status"},
+        {"events"},
+        {"events", "-f"},
+        {"wait", "a", "x"},
+        {"log", "a"},
+        {"log", "a", "--console", "-f"},
+        {"console", "a"},
+        {"version"},
     };
     for (const auto& args : cases) {
         std::vector<std::string> argv{"--socket", sock};
@@ -172,7 +187,8 @@ TEST(CliUsage, DefaultSocketIsTheDaemonsForAUser)
     // A user (not root) with XDG_RUNTIME_DIR: the daemon's own default, as daemon/config.cpp
     // picks it (setpriv runs qmachinectl as nobody when the test runs as root). Unless a system
     // qmachined runs here: then a user without a daemon of their own is sent to it.
-    std::vector<std::string> user{"env", "XDG_RUNTIME_DIR=/nonexistent-xdg", QM_QMACHINECTL, "list"};
+    std::vector<std::string> user{"env", "XDG_RUNTIME_DIR=/nonexistent-xdg", QM_QMACHINECTL,
+                                  "list"};
     if (::geteuid() == 0) {
         user.insert(user.begin(), {"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"});
     }
@@ -189,7 +205,8 @@ TEST(CliUsage, DefaultSocketIsTheDaemonsForAUser)
         // Root: the system socket, whatever the environment.
         if (!system_daemon) {
             EXPECT_EQ(no_xdg.status, 3) << no_xdg;
-            EXPECT_NE(no_xdg.err.find("/run/qmachined/qmachined.sock"), std::string::npos) << no_xdg;
+            EXPECT_NE(no_xdg.err.find("/run/qmachined/qmachined.sock"), std::string::npos)
+                << no_xdg;
         }
     } else if (!system_daemon) {
         EXPECT_EQ(no_xdg.status, 3) << no_xdg;
@@ -260,15 +277,16 @@ TEST_F(CliTest, LifecycleWithJson)
     EXPECT_EQ(json::get_int(created, "generation"), 1);
 
     // From the options alone, and options over a file.
-    json::Document b = ctl_json({"create", "b", "--binary", QemuProcess::binary(), "--machine", "none",
-                                 "--cpus", "1", "--memory", "64", "--arg", "-nodefaults",
-                                 "--arg", "-no-user-config"});
+    json::Document b =
+        ctl_json({"create", "b", "--binary", QemuProcess::binary(), "--machine", "none", "--cpus",
+                  "1", "--memory", "64", "--arg", "-nodefaults", "--arg", "-no-user-config"});
     const json::Value& bspec = *json::find(b, "spec");
     EXPECT_EQ(s(bspec, "machine"), "none");
     EXPECT_EQ(json::get_int(bspec, "cpus"), 1);
     EXPECT_EQ(json::get_int(bspec, "memory_mib"), 64);
     EXPECT_EQ(json::to_string(*json::find(bspec, "args")), R"(["-nodefaults","-no-user-config"])");
-    json::Document c = ctl_json({"create", "c", "--spec", spec.string(), "--cpus", "3", "--autostart"});
+    json::Document c =
+        ctl_json({"create", "c", "--spec", spec.string(), "--cpus", "3", "--autostart"});
     EXPECT_EQ(json::get_int(*json::find(c, "spec"), "cpus"), 3);
     EXPECT_TRUE(json::find(*json::find(c, "spec"), "autostart")->GetBool());
 
@@ -344,11 +362,21 @@ TEST_F(CliTest, OperationFailuresExitOneWithTheProblemsDetail)
 {
     const std::string unknown = "no machine named 'ghost'";
     const std::vector<std::vector<std::string>> cases{
-        {"show", "ghost"},   {"start", "ghost"},  {"stop", "ghost"},
-        {"kill", "ghost"},   {"pause", "ghost"},  {"resume", "ghost"},
-        {"restart", "ghost"}, {"delete", "ghost"}, {"qmp", "ghost", "query-status"},
-        {"log", "ghost"},    {"log", "ghost", "--console"}, {"wait", "ghost", "SHUTDOWN"},
-        {"wait", "ghost", "--console", "x"}, {"edit", "ghost"}, {"console", "ghost"},
+        {"show", "ghost"},
+        {"start", "ghost"},
+        {"stop", "ghost"},
+        {"kill", "ghost"},
+        {"pause", "ghost"},
+        {"resume", "ghost"},
+        {"restart", "ghost"},
+        {"delete", "ghost"},
+        {"qmp", "ghost", "query-status"},
+        {"log", "ghost"},
+        {"log", "ghost", "--console"},
+        {"wait", "ghost", "SHUTDOWN"},
+        {"wait", "ghost", "--console", "x"},
+        {"edit", "ghost"},
+        {"console", "ghost"},
         {"log", "ghost", "--console", "-f"},
     };
     for (const auto& args : cases) {
@@ -425,18 +453,17 @@ TEST_F(CliTest, EditSendsTheChangedSpecWithItsGeneration)
     const std::string kept = "Your edit is kept in ";
     const auto at = invalid.err.find(kept);
     ASSERT_NE(at, std::string::npos) << invalid;
-    const std::string file = invalid.err.substr(at + kept.size(),
-                                                invalid.err.find('\n', at) - at - kept.size());
+    const std::string file =
+        invalid.err.substr(at + kept.size(), invalid.err.find('\n', at) - at - kept.size());
     EXPECT_NE(read_whole_file(file).find("\"cpus\": 0,"), std::string::npos);
     std::filesystem::remove(file);
 
     // Someone else updated it meanwhile: 412, nothing overwritten. The outer edit's editor runs
     // another edit (cpus 3 -> 5) before it saves its own change (cpus 3 -> 4).
     const std::string inner_editor = R"(sed -i -e "s/\"cpus\": 3,/\"cpus\": 5,/")";
-    const std::string sneak =
-        fmt::format("VISUAL= EDITOR='{}' {} --socket {} edit e >/dev/null; "
-                    "sed -i -e 's/\"cpus\": 3,/\"cpus\": 4,/'",
-                    inner_editor, QM_QMACHINECTL, socket_path().string());
+    const std::string sneak = fmt::format("VISUAL= EDITOR='{}' {} --socket {} edit e >/dev/null; "
+                                          "sed -i -e 's/\"cpus\": 3,/\"cpus\": 4,/'",
+                                          inner_editor, QM_QMACHINECTL, socket_path().string());
     ::setenv("VISUAL", sneak.c_str(), 1);
     const auto stale = ctl({"edit", "e"});
     ::unsetenv("VISUAL");
@@ -467,13 +494,14 @@ TEST_F(CliTest, EventsAndWait)
     EXPECT_EQ(s(events[0], "event"), "MACHINE_CREATED");
     EXPECT_EQ(json::get_int(events[0], "seq"), 1);
     EXPECT_EQ(json::get_int(events.back(), "seq"), seq);
-    const auto filtered = json_lines(
-        ctl({"events", "--json", "--machine", "a", "--event", "STATE_CHANGED", "--match",
-             R"({"data": {"state": "running"}})"})
-            .out);
+    const auto filtered =
+        json_lines(ctl({"events", "--json", "--machine", "a", "--event", "STATE_CHANGED", "--match",
+                        R"({"data": {"state": "running"}})"})
+                       .out);
     ASSERT_EQ(filtered.size(), 1u);
     EXPECT_EQ(s(*json::find(filtered[0], "data"), "previous"), "starting");
-    const auto since = json_lines(ctl({"events", "--json", "--since", std::to_string(*seq - 1)}).out);
+    const auto since =
+        json_lines(ctl({"events", "--json", "--since", std::to_string(*seq - 1)}).out);
     ASSERT_EQ(since.size(), 1u);
     EXPECT_EQ(json::get_int(since[0], "seq"), seq);
     const auto human = ctl({"events", "--event", "MACHINE_CREATED"});
@@ -491,8 +519,9 @@ TEST_F(CliTest, EventsAndWait)
     EXPECT_GT(json::get_int(followed[0], "seq"), seq) << "--follow starts from now";
 
     // wait: an event already published (with --since), one that comes, one that does not.
-    json::Document waited = ctl_json({"wait", "a", "STATE_CHANGED", "--since", std::to_string(*seq - 1),
-                                      "--match", R"({"data": {"state": "running"}})"});
+    json::Document waited =
+        ctl_json({"wait", "a", "STATE_CHANGED", "--since", std::to_string(*seq - 1), "--match",
+                  R"({"data": {"state": "running"}})"});
     EXPECT_FALSE(json::find(waited, "timed_out")->GetBool());
     EXPECT_EQ(json::get_int(*json::find(waited, "event"), "seq"), seq);
     auto resume_waiter = background("wait", {"wait", "a", "RESUME", "--timeout", "60"});
@@ -556,7 +585,8 @@ TEST_F(CliTest, TcpWithTheToken)
     EXPECT_EQ(ok.status, 0) << ok;
     EXPECT_EQ(parse_json(ok.out).HasMember("machines"), true);
     const auto token = read_whole_file(token_file);
-    const auto inline_token = ctl_raw({"version", "--url", url, "--token", token.substr(0, token.find('\n'))});
+    const auto inline_token =
+        ctl_raw({"version", "--url", url, "--token", token.substr(0, token.find('\n'))});
     EXPECT_EQ(inline_token.status, 0) << inline_token;
     const auto wrong = ctl_raw({"--url", url, "--token", "wrong", "list"});
     EXPECT_EQ(wrong.status, 1) << wrong;
@@ -645,7 +675,10 @@ public:
     int slave() const { return slave_; }
     const std::string& output() const { return output_; }
 
-    void type(const std::string& bytes) { ASSERT_EQ(::write(master_, bytes.data(), bytes.size()), static_cast<ssize_t>(bytes.size())); }
+    void type(const std::string& bytes)
+    {
+        ASSERT_EQ(::write(master_, bytes.data(), bytes.size()), static_cast<ssize_t>(bytes.size()));
+    }
 
     // Reads what the client writes until `text` appears in it or the deadline passes.
     bool wait_output(const std::string& text, std::chrono::milliseconds deadline = 30s)
@@ -697,7 +730,8 @@ private:
 bool same_termios(const termios& a, const termios& b)
 {
     return a.c_iflag == b.c_iflag && a.c_oflag == b.c_oflag && a.c_cflag == b.c_cflag &&
-           a.c_lflag == b.c_lflag && std::equal(std::begin(a.c_cc), std::end(a.c_cc), std::begin(b.c_cc));
+           a.c_lflag == b.c_lflag &&
+           std::equal(std::begin(a.c_cc), std::end(a.c_cc), std::begin(b.c_cc));
 }
 
 TEST_F(CliTest, ConsoleOnATerminalWithTheGuest)

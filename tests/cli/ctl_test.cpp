@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 // qmachinectl's pure parts without a daemon: the option parser, the URL, the escape key, the
 // table, ages, the SSE parser (split at every byte) and the log increments.
+#include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -8,6 +10,7 @@
 
 #include "daemon/ctl/args.hpp"
 #include "daemon/ctl/client.hpp"
+#include "daemon/ctl/commands.hpp"
 #include "daemon/ctl/console.hpp"
 #include "daemon/ctl/output.hpp"
 
@@ -102,7 +105,8 @@ TEST(CtlClient, ProblemDetail)
 {
     Response r;
     r.status = 404;
-    r.body = R"({"type":"urn:qmachined:error:NoSuchMachine","status":404,"detail":"no machine named 'x'"})";
+    r.body =
+        R"({"type":"urn:qmachined:error:NoSuchMachine","status":404,"detail":"no machine named 'x'"})";
     EXPECT_EQ(problem_detail(r), "no machine named 'x'");
     EXPECT_EQ(problem_name(r), "NoSuchMachine");
     r.status = 502;
@@ -155,9 +159,10 @@ TEST(CtlOutput, Ages)
 
 TEST(CtlOutput, SseSplitAtEveryByte)
 {
-    const std::string stream = ": subscribed\n\nid: 3\nevent: STATE_CHANGED\ndata: {\"seq\":3}\n\n"
-                               ": keep-alive\r\n\r\nevent: lagged\r\ndata: {\"a\":1}\r\ndata: x\r\n\r\n"
-                               "data:plain\r\rid: 9\n";
+    const std::string stream =
+        ": subscribed\n\nid: 3\nevent: STATE_CHANGED\ndata: {\"seq\":3}\n\n"
+        ": keep-alive\r\n\r\nevent: lagged\r\ndata: {\"a\":1}\r\ndata: x\r\n\r\n"
+        "data:plain\r\rid: 9\n";
     for (std::size_t split = 0; split <= stream.size(); ++split) {
         SseParser p;
         auto got = p.feed(std::string_view(stream).substr(0, split));
@@ -189,6 +194,63 @@ TEST(CtlOutput, LogIncrements)
     EXPECT_EQ(log_increment(std::string(100, 'x') + block, block.substr(0) + "new\n"), "new\n");
     // A new run's log.
     EXPECT_EQ(log_increment("old run\n", "new\n"), "new\n");
+}
+
+std::string source_file(const std::string& path)
+{
+    std::ifstream f(std::string(QM_SOURCE_DIR) + "/" + path);
+    return std::string(std::istreambuf_iterator<char>(f), {});
+}
+
+// `word` stands alone in `text` (between white space, quotes or commas).
+bool has_word(const std::string& text, const std::string& word)
+{
+    const auto apart = [](char c) {
+        return c == ' ' || c == '\n' || c == '"' || c == ',';
+    };
+    for (auto at = text.find(word); at != std::string::npos; at = text.find(word, at + 1)) {
+        const bool before = at == 0 || apart(text[at - 1]);
+        const bool after = at + word.size() == text.size() || apart(text[at + word.size()]);
+        if (before && after) {
+            return true;
+        }
+    }
+    return false;
+}
+
+// docs/cli.md and the bash completion know every command and option of the table.
+TEST(CtlCommands, DocumentedAndCompleted)
+{
+    const std::string doc = source_file("docs/cli.md");
+    const std::string bash = source_file("daemon/ctl/qmachinectl.bash");
+    ASSERT_FALSE(doc.empty());
+    ASSERT_FALSE(bash.empty());
+    for (const auto& c : commands()) {
+        const std::string name(c.name);
+        if (name != "help") {
+            std::string headings; // the "### " lines
+            for (std::size_t at = doc.find("\n### "); at != std::string::npos;
+                 at = doc.find("\n### ", at + 1)) {
+                headings += doc.substr(at, doc.find('\n', at + 1) - at);
+            }
+            EXPECT_TRUE(has_word(headings, name)) << name << " in docs/cli.md";
+        }
+        EXPECT_TRUE(has_word(bash, name)) << name << " in the completion";
+        EXPECT_NE(command_help(c).find("Usage: qmachinectl " + name), std::string::npos);
+        for (const auto& o : c.options) {
+            const std::string option = "--" + std::string(o.name);
+            EXPECT_NE(doc.find(option), std::string::npos)
+                << option << " of " << name << " in docs/cli.md";
+            EXPECT_NE(bash.find(option), std::string::npos)
+                << option << " of " << name << " in the completion";
+            EXPECT_NE(command_help(c).find(option), std::string::npos);
+        }
+    }
+    for (const auto& o : global_options()) {
+        const std::string option = "--" + std::string(o.name);
+        EXPECT_NE(doc.find(option), std::string::npos) << option << " in docs/cli.md";
+        EXPECT_NE(bash.find(option), std::string::npos) << option << " in the completion";
+    }
 }
 
 } // namespace
