@@ -744,8 +744,16 @@ TEST_F(CliTest, ConsoleOnATerminalWithTheGuest)
     const auto ready = ctl({"wait", "g", "--console", "qmtest: ready", "--timeout", "120"});
     ASSERT_EQ(ready.status, 0) << ready;
     EXPECT_EQ(ready.out, "qmtest: ready\n");
-    const auto log = ctl({"log", "g", "--console"});
-    EXPECT_NE(log.out.find("qmtest: ready"), std::string::npos) << log;
+    // The console log file follows the console (the wait may match a line still being written).
+    CommandResult log;
+    EXPECT_TRUE(eventually(
+        [&] {
+            log = ctl({"log", "g", "--console"});
+            return log.out.find("qmtest: ready\r\n") != std::string::npos;
+        },
+        10s))
+        << log;
+    EXPECT_EQ(log.status, 0) << log;
 
     // A watcher (log --console -f: the console WebSocket, read-only) sees what the writer makes
     // the guest say, and ends by itself (0) when the machine stops.
