@@ -928,8 +928,9 @@ int cmd_log(Context& c)
     asio::signal_set signals(c.client.io(), SIGINT, SIGTERM);
     signals.async_wait([&](error_code ec, int) { stop = !ec; });
     asio::steady_timer timer(c.client.io());
+    bool ticked = false; // outlives the wait: a stop leaves it pending until the poll below
     while (!stop) {
-        bool ticked = false;
+        ticked = false;
         timer.expires_after(500ms);
         timer.async_wait([&](error_code) { ticked = true; });
         c.client.io().restart();
