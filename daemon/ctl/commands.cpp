@@ -110,6 +110,41 @@ std::optional<json::Document> body_json(const Response& r)
     return std::move(*doc);
 }
 
+// A call whose answer is JSON: `doc` when it succeeded, else the exit status with the problem
+// printed ("Failed to <verb> '<name>': ...", or the daemon unreachable).
+struct JsonAnswer
+{
+    int status = exit_ok;
+    json::Document doc;
+    Response response; // the daemon's answer (status 0 when it was not reached)
+
+    bool ok() const { return status == exit_ok; }
+};
+
+JsonAnswer call_json(Context& c, std::string_view verb, std::string_view name,
+                     std::string_view method, const std::string& target, std::string body = {},
+                     std::string if_match = {})
+{
+    JsonAnswer a;
+    auto r = c.client.request(method, target, std::move(body), std::move(if_match));
+    if (!r) {
+        a.status = unreachable(r.error());
+        return a;
+    }
+    a.response = std::move(*r);
+    if (!a.response.ok()) {
+        a.status = failed(verb, name, a.response);
+        return a;
+    }
+    auto doc = body_json(a.response);
+    if (!doc) {
+        a.status = exit_failed;
+        return a;
+    }
+    a.doc = std::move(*doc);
+    return a;
+}
+
 std::string str(const json::Value& v, std::string_view key, std::string_view fallback = "-")
 {
     if (auto s = json::get_string(v, key)) {
@@ -216,15 +251,11 @@ const std::vector<std::string>& names(const Context& c)
 
 int cmd_list(Context& c)
 {
-    auto r = c.client.request("GET", "/v1/machines");
-    if (!r) {
-        return unreachable(r.error());
+    auto a = call_json(c, "list machines", {}, "GET", "/v1/machines");
+    if (!a.ok()) {
+        return a.status;
     }
-    if (!r->ok()) {
-        return failed("list machines", {}, *r);
-    }
-    auto doc = body_json(*r);
-    const json::Value* machines = doc ? json::find(*doc, "machines") : nullptr;
+    const json::Value* machines = json::find(a.doc, "machines");
     if (machines == nullptr || !machines->IsArray()) {
         return exit_failed;
     }
@@ -235,7 +266,7 @@ int cmd_list(Context& c)
         return exit_ok;
     }
     if (c.json) {
-        print_json(*doc);
+        print_json(a.doc);
         return exit_ok;
     }
     if (machines->Empty()) {
@@ -276,22 +307,15 @@ std::string shell_word(std::string_view s)
 int cmd_show(Context& c)
 {
     const std::string& name = names(c)[0];
-    auto r = c.client.request("GET", machine_path(name));
-    if (!r) {
-        return unreachable(r.error());
-    }
-    if (!r->ok()) {
-        return failed("show", name, *r);
-    }
-    auto doc = body_json(*r);
-    if (!doc) {
-        return exit_failed;
+    auto a = call_json(c, "show", name, "GET", machine_path(name));
+    if (!a.ok()) {
+        return a.status;
     }
     if (c.json) {
-        print_json(*doc);
+        print_json(a.doc);
         return exit_ok;
     }
-    const json::Value& m = *doc;
+    const json::Value& m = a.doc;
     static const json::Value empty(rapidjson::kObjectType);
     const json::Value* spec_p = json::find(m, "spec");
     const json::Value& spec = spec_p ? *spec_p : empty;
@@ -392,12 +416,12 @@ int cmd_create(Context& c)
     } else {
         spec.SetObject();
     }
-    auto& a = spec.GetAllocator();
+    auto& alloc = spec.GetAllocator();
     if (auto binary = c.args.last("binary")) {
-        set_member(spec, "binary", json::Value(binary->c_str(), a));
+        set_member(spec, "binary", json::Value(binary->c_str(), alloc));
     }
     if (auto machine = c.args.last("machine")) {
-        set_member(spec, "machine", json::Value(machine->c_str(), a));
+        set_member(spec, "machine", json::Value(machine->c_str(), alloc));
     }
     if (auto memory = c.args.last("memory")) {
         auto n = parse_integer("--memory", *memory, 1, 16777216);
@@ -416,10 +440,10 @@ int cmd_create(Context& c)
     if (c.args.has("arg")) {
         json::Value args(rapidjson::kArrayType);
         if (auto it = spec.FindMember("args"); it != spec.MemberEnd() && it->value.IsArray()) {
-            args.CopyFrom(it->value, a);
+            args.CopyFrom(it->value, alloc);
         }
         for (const auto& arg : c.args.all("arg")) {
-            args.PushBack(json::Value(arg.c_str(), a), a);
+            args.PushBack(json::Value(arg.c_str(), alloc), alloc);
         }
         set_member(spec, "args", std::move(args));
     }
@@ -428,21 +452,14 @@ int cmd_create(Context& c)
     }
     const std::string body =
         fmt::format(R"({{"name":{},"spec":{}}})", json::quote(name), json::to_string(spec));
-    auto r = c.client.request("POST", "/v1/machines", body);
-    if (!r) {
-        return unreachable(r.error());
-    }
-    if (!r->ok()) {
-        return failed("create", name, *r);
-    }
-    auto doc = body_json(*r);
-    if (!doc) {
-        return exit_failed;
+    auto a = call_json(c, "create", name, "POST", "/v1/machines", body);
+    if (!a.ok()) {
+        return a.status;
     }
     if (c.json) {
-        print_json(*doc);
+        print_json(a.doc);
     } else {
-        out(fmt::format("Created {} ({}).\n", name, coloured_state(str(*doc, "state"), c.colour)));
+        out(fmt::format("Created {} ({}).\n", name, coloured_state(str(a.doc, "state"), c.colour)));
     }
     return exit_ok;
 }
@@ -474,26 +491,23 @@ int run_editor(const std::string& path)
 int cmd_edit(Context& c)
 {
     const std::string& name = names(c)[0];
-    auto r = c.client.request("GET", machine_path(name));
-    if (!r) {
-        return unreachable(r.error());
+    auto got = call_json(c, "edit", name, "GET", machine_path(name));
+    if (!got.ok()) {
+        return got.status;
     }
-    if (!r->ok()) {
-        return failed("edit", name, *r);
-    }
-    auto doc = body_json(*r);
-    const json::Value* spec = doc ? json::find(*doc, "spec") : nullptr;
+    const json::Document& doc = got.doc;
+    const json::Value* spec = json::find(doc, "spec");
     if (spec == nullptr) {
         return exit_failed;
     }
     // The spec changes only while there is no QEMU process: say so before the editor opens.
-    const std::string state = str(*doc, "state");
+    const std::string state = str(doc, "state");
     if (state != "defined" && state != "stopped" && state != "crashed" && state != "failed") {
         std::fprintf(stderr, "Failed to edit '%s': it is %s; stop it first\n", name.c_str(),
                      state.c_str());
         return exit_failed;
     }
-    const auto generation = integer(*doc, "generation").value_or(0);
+    const auto generation = integer(doc, "generation").value_or(0);
     const std::string before = pretty_json(*spec) + "\n";
     namespace fs = std::filesystem;
     std::string templ =
@@ -527,37 +541,28 @@ int cmd_edit(Context& c)
     if (*after == before) {
         fs::remove(templ);
         if (c.json) {
-            print_json(*doc);
+            print_json(doc);
         } else {
             out(fmt::format("{}: nothing changed.\n", name));
         }
         return exit_ok;
     }
-    auto put = c.client.request("PUT", machine_path(name, "/spec"), *after,
-                                fmt::format("\"{}\"", generation));
-    if (!put) {
-        std::fprintf(stderr, "qmachinectl: your edit is kept in %s\n", templ.c_str());
-        return unreachable(put.error());
-    }
-    if (!put->ok()) {
-        failed("edit", name, *put);
-        if (put->status == 412) {
+    auto put = call_json(c, "edit", name, "PUT", machine_path(name, "/spec"), *after,
+                         fmt::format("\"{}\"", generation));
+    if (!put.ok()) {
+        if (put.response.status == 412) {
             std::fprintf(stderr,
                          "The spec changed while you edited it; run 'qmachinectl edit %s' again.\n",
                          name.c_str());
         }
         std::fprintf(stderr, "Your edit is kept in %s\n", templ.c_str());
-        return exit_failed;
+        return put.status;
     }
     fs::remove(templ);
-    auto updated = body_json(*put);
-    if (!updated) {
-        return exit_failed;
-    }
     if (c.json) {
-        print_json(*updated);
+        print_json(put.doc);
     } else {
-        out(fmt::format("Updated {} (generation {}).\n", name, int_or(*updated, "generation")));
+        out(fmt::format("Updated {} (generation {}).\n", name, int_or(put.doc, "generation")));
     }
     return exit_ok;
 }
@@ -590,23 +595,19 @@ int action(Context& c, std::string_view verb, std::string_view done, std::string
 {
     int status = exit_ok;
     for (const auto& name : names(c)) {
-        auto r = c.client.request("POST", machine_path(name, "/" + std::string(verb)), body);
-        if (!r) {
-            return unreachable(r.error());
+        auto a =
+            call_json(c, verb, name, "POST", machine_path(name, "/" + std::string(verb)), body);
+        if (a.status == exit_unreachable) {
+            return a.status;
         }
-        if (!r->ok()) {
-            status = failed(verb, name, *r);
-            continue;
-        }
-        auto doc = body_json(*r);
-        if (!doc) {
-            status = exit_failed;
+        if (!a.ok()) {
+            status = a.status;
             continue;
         }
         if (c.json) {
-            print_json(*doc);
+            print_json(a.doc);
         } else {
-            out(fmt::format("{} {}: {}.\n", done, name, state_summary(*doc, c.colour)));
+            out(fmt::format("{} {}: {}.\n", done, name, state_summary(a.doc, c.colour)));
         }
     }
     return status;
@@ -680,20 +681,14 @@ int cmd_qmp(Context& c)
         body += fmt::format(",\"timeout_s\":{}", *s);
     }
     body += "}";
-    auto r = c.client.request("POST", machine_path(name, "/qmp"), body);
-    if (!r) {
-        return unreachable(r.error());
-    }
-    if (!r->ok()) {
-        return failed(fmt::format("run '{}' on", command), name, *r);
-    }
-    auto doc = body_json(*r);
-    if (!doc) {
-        return exit_failed;
+    auto a = call_json(c, fmt::format("run '{}' on", command), name, "POST",
+                       machine_path(name, "/qmp"), body);
+    if (!a.ok()) {
+        return a.status;
     }
     if (c.json) {
-        print_json(*doc);
-    } else if (const auto* ret = json::find(*doc, "return")) {
+        print_json(a.doc);
+    } else if (const auto* ret = json::find(a.doc, "return")) {
         if (!(ret->IsObject() && ret->ObjectEmpty())) {
             print_json(*ret);
         }
@@ -854,26 +849,19 @@ int cmd_wait(Context& c)
         members.push_back(fmt::format("\"timeout_s\":{}", *s));
     }
     const std::string body = "{" + fmt::format("{}", fmt::join(members, ",")) + "}";
-    auto r = c.client.request("POST",
-                              machine_path(name, pattern ? "/console/wait" : "/events/wait"), body);
-    if (!r) {
-        return unreachable(r.error());
+    auto a = call_json(c, "wait on", name, "POST",
+                       machine_path(name, pattern ? "/console/wait" : "/events/wait"), body);
+    if (!a.ok()) {
+        return a.status;
     }
-    if (!r->ok()) {
-        return failed("wait on", name, *r);
-    }
-    auto doc = body_json(*r);
-    if (!doc) {
-        return exit_failed;
-    }
-    const auto* timed_out = json::find(*doc, "timed_out");
+    const auto* timed_out = json::find(a.doc, "timed_out");
     const bool timeout = timed_out && timed_out->IsTrue();
     if (c.json) {
-        print_json(*doc);
+        print_json(a.doc);
     } else if (!timeout) {
         if (pattern) {
-            out(str(*doc, "match", "") + "\n");
-        } else if (const auto* e = json::find(*doc, "event")) {
+            out(str(a.doc, "match", "") + "\n");
+        } else if (const auto* e = json::find(a.doc, "event")) {
             out(event_line(*e) + "\n");
         }
     }
@@ -982,33 +970,26 @@ int cmd_console(Context& c)
 
 int cmd_version(Context& c)
 {
-    auto r = c.client.request("GET", "/v1/version");
-    if (!r) {
-        if (!c.json) {
-            out("qmachinectl " QM_VERSION "\n");
-        }
-        return unreachable(r.error());
+    if (!c.json) {
+        out("qmachinectl " QM_VERSION "\n"); // whether the daemon answers or not
     }
-    if (!r->ok()) {
-        return failed("ask qmachined for its version", {}, *r);
-    }
-    auto doc = body_json(*r);
-    if (!doc) {
-        return exit_failed;
+    auto a = call_json(c, "ask qmachined for its version", {}, "GET", "/v1/version");
+    if (!a.ok()) {
+        return a.status;
     }
     if (c.json) {
         json::Document both;
         both.SetObject();
         both.AddMember("qmachinectl", QM_VERSION, both.GetAllocator());
         json::Value daemon;
-        daemon.CopyFrom(*doc, both.GetAllocator());
+        daemon.CopyFrom(a.doc, both.GetAllocator());
         both.AddMember("qmachined", std::move(daemon), both.GetAllocator());
         print_json(both);
         return exit_ok;
     }
-    std::string text = fmt::format("qmachinectl {}\nqmachined   {} (API {})\n", QM_VERSION,
-                                   str(*doc, "qmachined"), str(*doc, "api"));
-    if (const auto* qemu = json::find(*doc, "qemu"); qemu && qemu->IsObject()) {
+    std::string text =
+        fmt::format("qmachined   {} (API {})\n", str(a.doc, "qmachined"), str(a.doc, "api"));
+    if (const auto* qemu = json::find(a.doc, "qemu"); qemu && qemu->IsObject()) {
         text += fmt::format("QEMU        {} ({})\n", str(*qemu, "version"), str(*qemu, "binary"));
     }
     out(text);

@@ -61,20 +61,12 @@ json::Document parse_json(const std::string& text)
     return doc ? std::move(*doc) : json::Document();
 }
 
-// The JSON lines of `text`.
+// The JSON lines of `text` (an object on each).
 std::vector<json::Document> json_lines(const std::string& text)
 {
     std::vector<json::Document> out;
-    std::size_t pos = 0;
-    while (pos < text.size()) {
-        auto end = text.find('\n', pos);
-        if (end == std::string::npos) {
-            end = text.size();
-        }
-        if (end > pos) {
-            out.push_back(parse_json(text.substr(pos, end - pos)));
-        }
-        pos = end + 1;
+    for (const auto& line : lines_with(text, "{")) {
+        out.push_back(parse_json(line));
     }
     return out;
 }
