@@ -501,8 +501,15 @@ TEST_F(CliTest, EventsAndWait)
 
     // --follow: live until SIGINT, which ends it with 0.
     auto follower = background("follow", {"events", "--follow", "--json", "--machine", "a"});
-    ASSERT_TRUE(eventually([&] { return unix_connections(socket_path()) >= 1; }, 10s));
-    EXPECT_EQ(ctl({"pause", "a"}).status, 0);
+    // Subscribed once the daemon counts it (GET /metrics).
+    ASSERT_TRUE(eventually(
+        [&] {
+            return call("GET", "/metrics").body.find("\nqmachined_event_subscribers 1\n") !=
+                   std::string::npos;
+        },
+        10s));
+    const auto paused = json::get_int(ctl_json({"pause", "a"}), "event_seq");
+    ASSERT_TRUE(paused);
     EXPECT_TRUE(follower->wait_for_output("\"STOP\"", 20s)) << follower->output();
     follower->signal(SIGINT);
     EXPECT_EQ(follower->wait_exit(10s), 0) << follower->output();
@@ -516,8 +523,10 @@ TEST_F(CliTest, EventsAndWait)
                   R"({"data": {"state": "running"}})"});
     EXPECT_FALSE(json::find(waited, "timed_out")->GetBool());
     EXPECT_EQ(json::get_int(*json::find(waited, "event"), "seq"), seq);
-    auto resume_waiter = background("wait", {"wait", "a", "RESUME", "--timeout", "60"});
-    ASSERT_TRUE(eventually([&] { return unix_connections(socket_path()) >= 1; }, 10s));
+    // Events after the pause's event_seq: the RESUME counts whether the wait began before it
+    // was published or after.
+    auto resume_waiter = background(
+        "wait", {"wait", "a", "RESUME", "--timeout", "60", "--since", std::to_string(*paused)});
     EXPECT_EQ(ctl({"resume", "a"}).status, 0);
     EXPECT_EQ(resume_waiter->wait_exit(30s), 0) << resume_waiter->output();
     EXPECT_NE(resume_waiter->output().find("  a  RESUME  {}"), std::string::npos)
@@ -664,6 +673,7 @@ public:
     PtyProcess(const PtyProcess&) = delete;
     PtyProcess& operator=(const PtyProcess&) = delete;
 
+    pid_t pid() const { return pid_; }
     int slave() const { return slave_; }
     const std::string& output() const { return output_; }
 
@@ -780,16 +790,7 @@ TEST_F(CliTest, ConsoleOnATerminalWithTheGuest)
         termios before{};
         ASSERT_EQ(::tcgetattr(term.slave(), &before), 0);
         ASSERT_TRUE(term.wait_output("Escape character")) << term.output();
-        // Whose pid: the child of the test that is not the daemon.
-        pid_t client = -1;
-        for (pid_t p : children_of(::getpid())) {
-            if (read_whole_file("/proc/" + std::to_string(p) + "/cmdline").find("console") !=
-                std::string::npos) {
-                client = p;
-            }
-        }
-        ASSERT_GT(client, 0);
-        ::kill(client, SIGTERM);
+        ::kill(term.pid(), SIGTERM);
         EXPECT_EQ(term.wait_exit(), 128 + SIGTERM) << term.output();
         termios after{};
         ASSERT_EQ(::tcgetattr(term.slave(), &after), 0);
