@@ -293,7 +293,7 @@ double wait_for_name(sd_bus* bus, const Daemon& daemon)
     if (r < 0) {
         die(fmt::format("AddMatch: {}", std::strerror(-r)));
     }
-    sd_bus_error error = SD_BUS_ERROR_NULL;
+    sd_bus_error error{};
     sd_bus_message* reply = nullptr;
     r = sd_bus_call_method(bus, "org.freedesktop.DBus", "/org/freedesktop/DBus",
                            "org.freedesktop.DBus", "NameHasOwner", &error, &reply, "s", bus_name);

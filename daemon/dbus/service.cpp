@@ -231,7 +231,7 @@ awaitable<void> Service::run_later(sd_bus_message* m, awaitable<expected<BodyWri
     }
     int r = 0;
     if (!result) {
-        sd_bus_error error = SD_BUS_ERROR_NULL;
+        sd_bus_error error{}; // SD_BUS_ERROR_NULL is a C compound literal (clang: -Wc99-extensions)
         set_error(result.error(), &error);
         r = sd_bus_reply_method_error(m, &error);
         sd_bus_error_free(&error);

@@ -104,7 +104,7 @@ protected:
     {
         ASSERT_FALSE(daemon_) << "the daemon already runs";
         std::vector<std::string> args{"--state-dir", state_.string(), "--runtime-dir",
-                                      runtime_.string()};
+                                      runtime_.string(), "--bus", "none"};
         args.insert(args.end(), extra.begin(), extra.end());
         leave_running_ = true;
         daemon_ = std::make_unique<DaemonProcess>(

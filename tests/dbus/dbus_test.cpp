@@ -78,7 +78,7 @@ protected:
     {
         sd_bus_message* m = nullptr;
         sd_bus_message* reply = nullptr;
-        sd_bus_error error = SD_BUS_ERROR_NULL;
+        sd_bus_error error{};
         EXPECT_GE(sd_bus_message_new_method_call(client(), &m, "org.qmachined1", path.c_str(),
                                                  iface, member),
                   0);
@@ -99,7 +99,7 @@ protected:
     std::string string_property(const std::string& path, const char* property)
     {
         char* value = nullptr;
-        sd_bus_error error = SD_BUS_ERROR_NULL;
+        sd_bus_error error{};
         const int r = sd_bus_get_property_string(client(), "org.qmachined1", path.c_str(),
                                                  machine_iface, property, &error, &value);
         EXPECT_GE(r, 0) << property << ": " << (error.message ? error.message : "");
@@ -272,7 +272,7 @@ TEST_F(DbusLifecycleTest, WaitEventWithAndWithoutSince)
     const std::string path = create_quick("w");
     sd_bus_message_unref(call(path, machine_iface, "Start"));
     std::uint64_t seq = 0;
-    sd_bus_error error = SD_BUS_ERROR_NULL;
+    sd_bus_error error{};
     ASSERT_GE(sd_bus_get_property_trivial(client(), "org.qmachined1", manager, manager_iface,
                                           "EventSeq", &error, 't', &seq),
               0);
@@ -488,7 +488,7 @@ TEST_F(DbusLifecycleTest, LimitExceededUnresponsiveAndShuttingDown)
     // probe finds the monitor dead, and QMP is refused until it answers again.
     sd_bus_message_unref(call(path, machine_iface, "Start"));
     std::uint32_t pid = 0;
-    sd_bus_error error = SD_BUS_ERROR_NULL;
+    sd_bus_error error{};
     ASSERT_GE(sd_bus_get_property_trivial(client(), "org.qmachined1", path.c_str(), machine_iface,
                                           "Pid", &error, 'u', &pid),
               0);

@@ -1072,7 +1072,7 @@ class Daemon:
         self.log_path = os.path.join(tmp, f'log{tag}')
         self.log = open(self.log_path, 'wb')
         self.proc = subprocess.Popen(
-            [binary, '--state-dir', self.state_dir, '--runtime-dir', self.runtime_dir,
+            [binary, '--bus', 'none', '--state-dir', self.state_dir, '--runtime-dir', self.runtime_dir,
              '--log-level', 'warn', '--shutdown-policy', 'stop-machines', *extra],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
         self.terminated = False  # SIGTERM sent

@@ -53,7 +53,9 @@ protected:
         // stop-machines: the fixture's SIGTERM stops what runs (the daemon suite's tests of the
         // default, leave-running, pass their own).
         std::vector<std::string> args{"--state-dir", state_.string(), "--runtime-dir",
-                                      runtime_.string(), "--shutdown-policy", "stop-machines"};
+                                      runtime_.string(), "--shutdown-policy", "stop-machines",
+                                      // Never the host's bus (the dbus suite names a private one).
+                                      "--bus", "none"};
         args.insert(args.end(), extra.begin(), extra.end());
         return args;
     }

@@ -34,8 +34,16 @@ class Daemon : public DaemonProcess
 {
 public:
     Daemon(const std::vector<std::string>& args, const fs::path& output)
-        : DaemonProcess(QM_QMACHINED, args, output)
+        : DaemonProcess(QM_QMACHINED, without_bus(args), output)
     {}
+
+private:
+    // Never the host's D-Bus (a later flag still wins).
+    static std::vector<std::string> without_bus(std::vector<std::string> args)
+    {
+        args.insert(args.begin(), {"--bus", "none"});
+        return args;
+    }
 };
 
 class QmachinedTest : public testing::Test
