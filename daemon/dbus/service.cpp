@@ -78,6 +78,8 @@ Service::Service(asio::io_context& ioc, daemon::Supervisor& supervisor, std::uni
     : ioc_(ioc), supervisor_(supervisor), bus_(std::move(bus)), options_(std::move(options))
 {
     sd_bus* b = bus_->get();
+    // Each slot keeps a reference to the bus: kept here, released in the destructor. (The call
+    // is made before its slot is read: an argument list has no order of evaluation.)
     auto add = [this](int r, sd_bus_slot* slot, const char* what) {
         if (r < 0) {
             spdlog::error("D-Bus: cannot add {}: {}", what, std::strerror(-r));
@@ -86,17 +88,19 @@ Service::Service(asio::io_context& ioc, daemon::Supervisor& supervisor, std::uni
         slots_.push_back(slot);
     };
     sd_bus_slot* slot = nullptr;
-    add(sd_bus_add_object_vtable(b, &slot, manager_path, manager_interface, manager_vtable(), this),
-        slot, "the Manager");
+    int r = sd_bus_add_object_vtable(b, &slot, manager_path, manager_interface, manager_vtable(),
+                                     this);
+    add(r, slot, "the Manager");
     slot = nullptr;
-    add(sd_bus_add_fallback_vtable(b, &slot, machine_prefix, machine_interface, machine_vtable(),
-                                   find_machine, this),
-        slot, "the Machine objects");
+    r = sd_bus_add_fallback_vtable(b, &slot, machine_prefix, machine_interface, machine_vtable(),
+                                   find_machine, this);
+    add(r, slot, "the Machine objects");
     slot = nullptr;
-    add(sd_bus_add_node_enumerator(b, &slot, machine_prefix, enumerate_machines, this), slot,
-        "the machine enumerator");
+    r = sd_bus_add_node_enumerator(b, &slot, machine_prefix, enumerate_machines, this);
+    add(r, slot, "the machine enumerator");
     slot = nullptr;
-    add(sd_bus_add_object_manager(b, &slot, manager_path), slot, "the ObjectManager");
+    r = sd_bus_add_object_manager(b, &slot, manager_path);
+    add(r, slot, "the ObjectManager");
     listener_ = supervisor_.events().listen([this](const daemon::Event& e) { on_event(e); });
 }
 
