@@ -32,6 +32,7 @@ namespace fs = std::filesystem;
 
 constexpr const char* root_state_dir = "/var/lib/qmachined";
 constexpr const char* root_runtime_dir = "/run/qmachined";
+constexpr const char* root_image_dir = "/var/lib/qmachined-images";
 
 struct LevelName
 {
@@ -102,8 +103,23 @@ std::optional<std::string> absolute_env(const GetEnv& getenv, const char* name)
     return std::string(v);
 }
 
+// The directory a systemd unit's StateDirectory= or RuntimeDirectory= made ($STATE_DIRECTORY,
+// $RUNTIME_DIRECTORY): the unit says where, and the daemon follows. A list (several directories,
+// ':'-separated) is not ours to choose from: ignored.
+std::optional<std::string> unit_directory(const GetEnv& getenv, const char* name)
+{
+    auto dir = absolute_env(getenv, name);
+    if (!dir || dir->find(':') != std::string::npos) {
+        return std::nullopt;
+    }
+    return clean_path(*dir);
+}
+
 expected<std::string> default_state_dir(bool as_root, const GetEnv& getenv)
 {
+    if (auto unit = unit_directory(getenv, "STATE_DIRECTORY")) {
+        return *unit;
+    }
     if (as_root) {
         return std::string(root_state_dir);
     }
@@ -118,6 +134,9 @@ expected<std::string> default_state_dir(bool as_root, const GetEnv& getenv)
 
 expected<std::string> default_runtime_dir(bool as_root, const GetEnv& getenv)
 {
+    if (auto unit = unit_directory(getenv, "RUNTIME_DIRECTORY")) {
+        return *unit;
+    }
     if (as_root) {
         return std::string(root_runtime_dir);
     }
@@ -167,12 +186,13 @@ expected<std::string> absolute_from_flag(std::string_view flag, const std::strin
 }
 
 // The settings beyond the directories and the log level: same key in the file and as a flag.
-constexpr std::array<std::string_view, 19> other_settings{
+constexpr std::array<std::string_view, 20> other_settings{
     "rest-socket",          "rest-listen",     "rest-allow-remote", "rest-token-file",
     "rest-max-connections", "rest-max-body",   "rest-request-timeout",
     "rest-max-subscribers", "shutdown-policy", "qemu-user",         "qemu-sandbox",
     "qemu-log-max",         "qmp-allow",       "qmp-deny",          "event-ring",
     "event-queue",          "bus",             "max-machines",      "qmp-timeout",
+    "image-dirs",
 };
 
 bool is_other_setting(std::string_view key)
@@ -184,7 +204,42 @@ bool is_other_setting(std::string_view key)
 // "qmp-allow =": no command).
 bool may_be_empty(std::string_view key)
 {
-    return key == "qemu-user" || key == "qmp-allow" || key == "qmp-deny";
+    return key == "qemu-user" || key == "qmp-allow" || key == "qmp-deny" || key == "image-dirs";
+}
+
+// "/a, /b" -> {"/a", "/b"}; "" -> {}. Absolute directories that a unit file's ReadWritePaths=
+// can carry as they are (qmachined-generator writes them there): no white space, quotes,
+// backslashes, '%' (a unit file specifier) or control characters.
+expected<std::vector<std::string>> parse_dir_list(std::string_view key, std::string_view value)
+{
+    std::vector<std::string> out;
+    if (trim(value).empty()) {
+        return out;
+    }
+    for (std::size_t start = 0; start <= value.size();) {
+        const std::size_t comma = std::min(value.find(',', start), value.size());
+        const std::string_view dir = trim(value.substr(start, comma - start));
+        if (!is_absolute(dir)) {
+            return fail(errc::invalid_argument,
+                        fmt::format("{}: '{}' is not an absolute path", key, dir));
+        }
+        const auto bad = std::find_if(dir.begin(), dir.end(), [](char c) {
+            const auto u = static_cast<unsigned char>(c);
+            return u <= ' ' || u == 0x7f || c == '"' || c == '\'' || c == '\\' || c == '%';
+        });
+        if (bad != dir.end()) {
+            return fail(errc::invalid_argument,
+                        fmt::format("{}: '{}' has a character a directory here may not have "
+                                    "(white space, quotes, '\\', '%' or a control character)",
+                                    key, dir));
+        }
+        std::string clean = clean_path(std::string(dir));
+        if (std::find(out.begin(), out.end(), clean) == out.end()) {
+            out.push_back(std::move(clean));
+        }
+        start = comma + 1;
+    }
+    return out;
 }
 
 struct ShutdownPolicyName
@@ -352,6 +407,12 @@ expected<void> apply_setting(Config& c, std::string_view key, const std::string&
             return fail(std::move(names).error());
         }
         (key == "qmp-allow" ? c.qmp_allow : c.qmp_deny) = std::move(*names);
+    } else if (key == "image-dirs") {
+        auto dirs = parse_dir_list(key, value);
+        if (!dirs) {
+            return fail(std::move(dirs).error());
+        }
+        c.image_dirs = std::move(*dirs);
     }
     return {};
 }
@@ -478,6 +539,9 @@ expected<Config> default_config(bool as_root, const GetEnv& getenv)
     Config config;
     config.state_dir = std::move(*state);
     config.runtime_dir = std::move(*runtime);
+    if (as_root) {
+        config.image_dirs = {root_image_dir};
+    }
     return config;
 }
 
@@ -512,6 +576,9 @@ expected<CommandLine> parse_command_line(const std::vector<std::string>& args, b
     auto runtime = default_runtime_dir(as_root, getenv);
     config.state_dir = state ? *state : std::string();
     config.runtime_dir = runtime ? *runtime : std::string();
+    if (as_root) {
+        config.image_dirs = {root_image_dir};
+    }
 
     if (flags->config_file) {
         config.config_file = *flags->config_file;
@@ -662,7 +729,7 @@ expected<void> apply_config_file(Config& config, const std::string& path)
     return apply_config_text(config, text, path);
 }
 
-expected<void> ensure_private_dir(const std::string& path)
+expected<void> ensure_private_dir(const std::string& path, std::optional<gid_t> group)
 {
     if (path.empty()) {
         return fail(errc::invalid_argument, "empty directory name");
@@ -727,15 +794,24 @@ expected<void> ensure_private_dir(const std::string& path)
         return fail(errc::system_error,
                     fmt::format("'{}' is owned by uid {}, not by uid {}", dir, st.st_uid, me));
     }
+    if (group && st.st_gid != *group) {
+        if (::fchown(fd, static_cast<uid_t>(-1), *group) != 0) {
+            const int err = errno;
+            ::close(fd);
+            return failed("set the group of", dir, err);
+        }
+    }
+    const mode_t wanted = group ? 0710 : 0700;
     const mode_t mode = st.st_mode & 07777;
-    if (mode != 0700) {
-        if (::fchmod(fd, 0700) != 0) {
+    if (mode != wanted) {
+        if (::fchmod(fd, wanted) != 0) {
             const int err = errno;
             ::close(fd);
             return failed("set the permissions of", dir, err);
         }
-        if (!created && (mode & 077) != 0) {
-            spdlog::warn("Tightened the permissions of '{}' from {:04o} to 0700", dir, mode);
+        if (!created && (mode & ~wanted & 07777) != 0) {
+            spdlog::warn("Tightened the permissions of '{}' from {:04o} to {:04o}", dir, mode,
+                         wanted);
         }
     }
     ::close(fd);
@@ -869,6 +945,11 @@ Options (each as "--option value" or "--option=value"; the last one given wins):
   --event-ring N       recent events kept for resuming streams and waits (default 4096)
   --event-queue N      events a stream's reader may be behind before it is told it lagged
                          (default 1024)
+  --image-dirs DIR[,DIR]...
+                       directories of disk images QEMU may write; under systemd,
+                         qmachined-generator makes them writable in the service's sandbox
+                         (ProtectSystem=strict): "" (an empty value) for none
+                         default: {} as root, none otherwise
   --qmp-allow CMD[,CMD]...
                        QMP passthrough commands to lift from the default deny set:
                          {}
@@ -881,7 +962,7 @@ Options (each as "--option value" or "--option=value"; the last one given wins):
 
 Directories are created with mode 0700.
 )",
-        root_state_dir, root_runtime_dir, level_list(), denied_list());
+        root_state_dir, root_runtime_dir, level_list(), root_image_dir, denied_list());
 }
 
 } // namespace qm::daemon

@@ -8,10 +8,13 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string_view>
 #include <utility>
 #include <string>
 #include <vector>
+
+#include <sys/types.h>
 
 #include <spdlog/common.h>
 
@@ -61,6 +64,11 @@ struct Config
     std::uint64_t qemu_log_max = 1048576;  // bytes of each machine's QEMU output log; 0: unbounded
     std::size_t max_machines = 4096;       // machines that may exist
     std::chrono::milliseconds qmp_timeout{10000}; // a QMP passthrough command's default deadline
+    // Directories of disk images QEMU may write (key image-dirs): absolute, cleaned, no white
+    // space, quotes, '\\' or '%'. Default: /var/lib/qmachined-images as root, none otherwise.
+    // The daemon only checks that they exist; qmachined-generator makes them writable in the
+    // service's sandbox.
+    std::vector<std::string> image_dirs;
 };
 
 // The QMP passthrough policy of qmp-allow and qmp-deny.
@@ -117,9 +125,11 @@ expected<void> apply_config_file(Config& config, const std::string& path);
 
 // Creates `dir` and missing parents, each new one mode 0700; checks that `dir` is a directory
 // (symlinks to one are followed) owned by us and sets it to 0700 (spdlog::warn when it was
-// looser). errc::system_error naming the path ("'/x' exists and is not a directory", "'/x' is
-// owned by uid 1000, not by uid 0").
-expected<void> ensure_private_dir(const std::string& dir);
+// looser). With `group`: 0710 and that group instead, so that the group's members can reach a
+// socket inside (the runtime directory of a root daemon with the group qmachined), never list
+// it. errc::system_error naming the path ("'/x' exists and is not a directory", "'/x' is owned
+// by uid 1000, not by uid 0").
+expected<void> ensure_private_dir(const std::string& dir, std::optional<gid_t> group = {});
 
 // The --help text.
 std::string usage();

@@ -15,12 +15,14 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include <fmt/format.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include "daemon/activation.hpp"
 #include "daemon/config.hpp"
 #include "daemon/dbus/service.hpp"
 #include "daemon/metrics.hpp"
@@ -28,7 +30,9 @@
 #include "daemon/qemu_version.hpp"
 #include "daemon/rest/api.hpp"
 #include "daemon/rest/server.hpp"
+#include "daemon/supervisor/store.hpp"
 #include "daemon/supervisor/supervisor.hpp"
+#include "libmachine/proc/proc_info.hpp"
 #include "libmachine/asio.hpp"
 
 namespace {
@@ -59,6 +63,35 @@ void raise_fd_limit()
         rl.rlim_cur = rl.rlim_max;
         if (::setrlimit(RLIMIT_NOFILE, &rl) == 0) {
             spdlog::debug("Raised the open file limit from {} to {}", old, rl.rlim_max);
+        }
+    }
+}
+
+// Closes the passed sockets on an early return (before the daemon takes them).
+struct ActivatedGuard
+{
+    qm::daemon::ActivatedSockets* sockets;
+    ~ActivatedGuard()
+    {
+        for (int fd : {sockets->unix_fd, sockets->tcp_fd}) {
+            if (fd >= 0) {
+                ::close(fd);
+            }
+        }
+    }
+};
+
+// Image directories QEMU cannot reach are a mistake found now rather than at a machine's start.
+void check_image_dirs(const Config& config)
+{
+    for (const std::string& dir : config.image_dirs) {
+        struct stat st {};
+        if (::stat(dir.c_str(), &st) != 0) {
+            spdlog::warn("Image directory '{}' (image-dirs): {}", dir, std::strerror(errno));
+        } else if (!S_ISDIR(st.st_mode)) {
+            spdlog::warn("Image directory '{}' (image-dirs) is not a directory", dir);
+        } else {
+            spdlog::debug("Image directory '{}'", dir);
         }
     }
 }
@@ -134,8 +167,10 @@ class Daemon
 {
 public:
     Daemon(qm::asio::io_context& ioc, Config config, qm::daemon::SupervisorOptions options,
-           qm::daemon::NotifyEnvironment notify)
-        : ioc_(ioc), config_(std::move(config)), notifier_(ioc, std::move(notify)),
+           qm::daemon::NotifyEnvironment notify, qm::daemon::ActivatedSockets activated,
+           std::optional<gid_t> admin_group)
+        : ioc_(ioc), config_(std::move(config)), activated_(std::move(activated)),
+          admin_group_(admin_group), notifier_(ioc, std::move(notify)),
           supervisor_(ioc, std::move(options)), api_(supervisor_, api_options(config_)),
           signals_(ioc, SIGTERM, SIGINT, SIGHUP)
     {
@@ -154,8 +189,11 @@ public:
             return 1;
         }
         // A socket left by a daemon that died (we hold the runtime directory's lock: it is not
-        // another one's) goes now, so that the socket's existence keeps meaning "ready".
-        if (const auto path = qm::daemon::rest_socket_path(config_); !path.empty()) {
+        // another one's) goes now, so that the socket's existence keeps meaning "ready". A socket
+        // the service manager passed is the manager's: it exists before we are ready, and
+        // connections wait in its backlog until we accept.
+        if (const auto path = qm::daemon::rest_socket_path(config_);
+            !path.empty() && activated_.unix_fd < 0) {
             struct stat st {};
             if (::lstat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
                 ::unlink(path.c_str());
@@ -232,11 +270,43 @@ private:
         if (dbus_) {
             dbus_->start();
         }
-        supervisor_.autostart();
+        autostart_once_per_boot();
         probe_qemu();
         spdlog::info("qmachined {} ready: state '{}', runtime '{}', {} machine(s)", version,
                      config_.state_dir, config_.runtime_dir, supervisor_.size());
         notifier_.ready(status_text());
+    }
+
+    // Machines with autostart start with the first qmachined of a boot, as libvirt does: a
+    // daemon restarted later (an upgrade, Restart=on-failure after a crash) must not start again
+    // what an operator stopped. The runtime directory's `autostarted` holds the boot id of the
+    // last autostart.
+    void autostart_once_per_boot()
+    {
+        const std::string boot = qm::proc::boot_id();
+        const std::string marker = config_.runtime_dir + "/autostarted";
+        std::string last;
+        if (std::FILE* f = std::fopen(marker.c_str(), "re"); f != nullptr) {
+            char buf[64] = {};
+            const std::size_t n = std::fread(buf, 1, sizeof buf - 1, f);
+            std::fclose(f);
+            last.assign(buf, n);
+            while (!last.empty() && (last.back() == '\n' || last.back() == ' ')) {
+                last.pop_back();
+            }
+        }
+        if (!boot.empty() && last == boot) {
+            spdlog::info("Autostart: done already in this boot ({}): machines stopped since stay "
+                         "stopped",
+                         marker);
+            return;
+        }
+        if (auto written = qm::daemon::write_file_atomic(config_.runtime_dir, "autostarted",
+                                                         boot + "\n");
+            !written) {
+            spdlog::warn("Autostart: cannot record it: {}", written.error().message);
+        }
+        supervisor_.autostart();
     }
 
     // STATUS= follows the machine counts: every event that can change them marks the status
@@ -284,11 +354,33 @@ private:
     {
         qm::rest::ServerOptions options;
         options.unix_path = qm::daemon::rest_socket_path(config_);
+        options.unix_group = admin_group_;
+        if (activated_.unix_fd >= 0) {
+            if (activated_.unix_path != options.unix_path) {
+                spdlog::info("REST: serving the unix socket '{}' the service manager passed "
+                             "instead of '{}'",
+                             activated_.unix_path, options.unix_path);
+            }
+            options.unix_fd = std::exchange(activated_.unix_fd, -1);
+            options.unix_path = activated_.unix_path;
+        }
         options.max_connections = config_.rest_max_connections;
         options.max_body = config_.rest_max_body;
         options.request_timeout = config_.rest_request_timeout;
         options.server_header = fmt::format("qmachined/{}", version);
-        if (!config_.rest_listen.empty()) {
+        if (activated_.tcp_fd >= 0) {
+            if (!config_.rest_listen.empty()) {
+                spdlog::info("REST: serving the TCP socket {} the service manager passed instead "
+                             "of rest-listen {}",
+                             activated_.tcp_address, config_.rest_listen);
+            }
+            options.tcp_fd = std::exchange(activated_.tcp_fd, -1);
+            auto token = qm::rest::load_or_create_token(qm::daemon::rest_token_path(config_));
+            if (!token) {
+                return qm::fail(token.error());
+            }
+            options.token = std::move(*token);
+        } else if (!config_.rest_listen.empty()) {
             auto listen = qm::daemon::parse_listen_address(config_.rest_listen);
             if (!listen) {
                 return qm::fail(listen.error());
@@ -441,6 +533,8 @@ private:
 
     qm::asio::io_context& ioc_;
     Config config_;
+    qm::daemon::ActivatedSockets activated_; // handed to the REST server when it serves
+    std::optional<gid_t> admin_group_;       // the group qmachined, for a root daemon
     // Before the supervisor: its event listener may run while the supervisor is destroyed.
     qm::daemon::Notifier notifier_;
     qm::daemon::Supervisor supervisor_;
@@ -482,14 +576,32 @@ int main(int argc, char** argv)
     // Read (and removed from the environment QEMU inherits) before anything is started.
     auto notify = qm::daemon::take_notify_environment();
     std::signal(SIGPIPE, SIG_IGN); // a client gone mid-write is an error code, not a death
+    // The same for socket activation's LISTEN_*: the sockets are ours from here on.
+    auto activated = qm::daemon::take_activated_sockets();
+    if (!activated) {
+        spdlog::critical("Failed to start: {}", activated.error().message);
+        return 1;
+    }
+    ActivatedGuard activated_guard{&*activated};
     raise_fd_limit();
+    // The group qmachined (sysusers.d) administers a root daemon: its members reach the REST
+    // socket (0660, group qmachined) through the runtime directory (0710, group qmachined), and
+    // call the D-Bus API.
+    std::optional<gid_t> admin_group;
+    if (::geteuid() == 0) {
+        if (const group* g = ::getgrnam("qmachined"); g != nullptr) {
+            admin_group = g->gr_gid;
+        }
+    }
     for (const std::string* dir : {&config.state_dir, &config.runtime_dir}) {
-        auto made = qm::daemon::ensure_private_dir(*dir);
+        auto made = qm::daemon::ensure_private_dir(
+            *dir, dir == &config.runtime_dir ? admin_group : std::nullopt);
         if (!made) {
             spdlog::critical("Failed to prepare '{}': {}", *dir, made.error().message);
             return 1;
         }
     }
+    check_image_dirs(config);
     const int lock_fd = lock_runtime_dir(config.runtime_dir);
     if (lock_fd < 0) {
         return 1;
@@ -516,7 +628,8 @@ int main(int argc, char** argv)
     int rc = 0;
     {
         qm::asio::io_context ioc{1};
-        Daemon daemon(ioc, config, std::move(options), std::move(notify));
+        Daemon daemon(ioc, config, std::move(options), std::move(notify),
+                      std::exchange(*activated, {}), admin_group);
         rc = daemon.run();
     }
     ::close(lock_fd);

@@ -4,6 +4,7 @@
 
 #include <fcntl.h>
 #include <sys/random.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -272,12 +273,36 @@ awaitable<void> Server::sweep()
 Server::~Server()
 {
     close();
+    // Passed sockets listen() never adopted.
+    for (int fd : {options_.unix_fd, options_.tcp_fd}) {
+        if (fd >= 0) {
+            ::close(fd);
+        }
+    }
     metrics_.remove_collector(collector_);
 }
 
 expected<void> Server::listen()
 {
-    if (!options_.unix_path.empty()) {
+    if (options_.unix_fd >= 0) {
+        using Local = asio::local::stream_protocol;
+        Local::acceptor acceptor(ioc_);
+        error_code ec;
+        acceptor.assign(Local(), std::exchange(options_.unix_fd, -1), ec);
+        if (ec) {
+            return fail(errc::system_error,
+                        fmt::format("cannot use the passed unix socket: {}", ec.message()));
+        }
+        passed_unix_ = true;
+        unix_acceptor_.emplace(std::move(acceptor));
+        asio::co_spawn(ioc_, accept_loop<Local>(*unix_acceptor_, false), [](std::exception_ptr e) {
+            if (e) {
+                spdlog::error("Failed to accept REST connections: {}", describe_exception(e));
+            }
+        });
+        spdlog::info("REST listening on '{}' (passed by the service manager)",
+                     options_.unix_path.empty() ? "unnamed socket" : options_.unix_path);
+    } else if (!options_.unix_path.empty()) {
         // Bound under a temporary name and renamed into place: a client that finds the socket
         // can connect, and a stale socket of a crashed daemon is replaced atomically (the runtime
         // directory's lock says no other daemon uses it).
@@ -299,6 +324,13 @@ expected<void> Server::listen()
             ::unlink(tmp.c_str());
             return fail(errc::system_error, fmt::format("cannot chmod '{}': {}", tmp, std::strerror(err)));
         }
+        if (options_.unix_group &&
+            ::chown(tmp.c_str(), static_cast<uid_t>(-1), *options_.unix_group) != 0) {
+            const int err = errno;
+            ::unlink(tmp.c_str());
+            return fail(errc::system_error, fmt::format("cannot set the group of '{}': {}", tmp,
+                                                        std::strerror(err)));
+        }
         acceptor.listen(asio::socket_base::max_listen_connections, ec);
         if (ec || ::rename(tmp.c_str(), path.c_str()) != 0) {
             const std::string why = ec ? ec.message() : std::strerror(errno);
@@ -313,7 +345,32 @@ expected<void> Server::listen()
         });
         spdlog::info("REST listening on '{}'", path);
     }
-    if (options_.tcp) {
+    if (options_.tcp_fd >= 0) {
+        using Tcp = asio::ip::tcp;
+        const int fd = std::exchange(options_.tcp_fd, -1);
+        sockaddr_storage addr{};
+        socklen_t len = sizeof addr;
+        const bool v6 = ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0 &&
+                        addr.ss_family == AF_INET6;
+        Tcp::acceptor acceptor(ioc_);
+        error_code ec;
+        acceptor.assign(v6 ? Tcp::v6() : Tcp::v4(), fd, ec);
+        if (ec) {
+            ::close(fd);
+            return fail(errc::system_error,
+                        fmt::format("cannot use the passed TCP socket: {}", ec.message()));
+        }
+        tcp_acceptor_.emplace(std::move(acceptor));
+        asio::co_spawn(ioc_, accept_loop<Tcp>(*tcp_acceptor_, true), [](std::exception_ptr e) {
+            if (e) {
+                spdlog::error("Failed to accept REST connections: {}", describe_exception(e));
+            }
+        });
+        const auto bound = tcp_acceptor_->local_endpoint(ec);
+        spdlog::info("REST listening on {}:{} (passed by the service manager; bearer token "
+                     "required)",
+                     bound.address().to_string(), bound.port());
+    } else if (options_.tcp) {
         using Tcp = asio::ip::tcp;
         Tcp::acceptor acceptor(ioc_);
         error_code ec;
@@ -363,7 +420,9 @@ void Server::close()
     error_code ec;
     if (unix_acceptor_) {
         unix_acceptor_->close(ec);
-        ::unlink(options_.unix_path.c_str());
+        if (!passed_unix_) {
+            ::unlink(options_.unix_path.c_str());
+        }
     }
     if (tcp_acceptor_) {
         tcp_acceptor_->close(ec);

@@ -15,6 +15,8 @@
 #include <utility>
 #include <vector>
 
+#include <sys/types.h>
+
 #include "daemon/metrics.hpp"
 #include "daemon/rest/api.hpp"
 #include "libmachine/asio.hpp"
@@ -28,8 +30,15 @@ struct ServerOptions
 {
     // The unix socket (mode 0660); empty: none.
     std::string unix_path;
+    // Its group (the admin group qmachined of a root daemon); nullopt: the daemon's.
+    std::optional<gid_t> unix_group;
     // The TCP listener; nullopt: none. Every request on it needs the bearer token.
     std::optional<asio::ip::tcp::endpoint> tcp;
+    // Listening sockets a service manager passed (socket activation), used instead of binding
+    // unix_path and tcp: the server neither binds nor removes them (the manager owns the file).
+    // -1: none. The server owns them from construction.
+    int unix_fd = -1;
+    int tcp_fd = -1;
     std::string token;
     std::size_t max_connections = 1024;
     std::size_t max_body = 1024 * 1024;
@@ -52,14 +61,16 @@ public:
     Server(const Server&) = delete;
     Server& operator=(const Server&) = delete;
 
-    // Binds and listens. The unix socket appears at its path only once it accepts (bound under a
-    // temporary name, then renamed), replacing a stale one of a previous daemon.
+    // Binds and listens, or accepts on the passed sockets. The unix socket appears at its path
+    // only once it accepts (bound under a temporary name, then renamed), replacing a stale one of
+    // a previous daemon.
     expected<void> listen();
     // The port the TCP listener got (for port 0), 0 without one.
     std::uint16_t tcp_port() const noexcept;
     // From now on responses carry `Connection: close`.
     void drain() noexcept { draining_ = true; }
-    // Stops accepting, removes the unix socket and closes every connection.
+    // Stops accepting, removes the unix socket (unless the manager passed it) and closes every
+    // connection.
     void close();
 
     std::size_t connections() const noexcept { return sessions_.size(); }
@@ -117,6 +128,7 @@ private:
     std::uint64_t next_session_ = 1;
     bool draining_ = false;
     bool closed_ = false;
+    bool passed_unix_ = false; // the unix socket came from the service manager: not ours to remove
     std::shared_ptr<int> life_ = std::make_shared<int>(0);
 };
 

@@ -2,6 +2,7 @@
 // The qmachined executable: flags and exit codes, private directories, loading definitions (a
 // corrupt one set aside), autostart, one daemon per runtime directory, SIGHUP, and SIGTERM/SIGINT
 // stopping every machine before exit.
+#include <grp.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -10,6 +11,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <fmt/format.h>
@@ -142,7 +144,19 @@ TEST_F(QmachinedTest, AutostartsLoadsAndStopsEveryMachineOnSigterm)
     ASSERT_EQ(::stat(state_.c_str(), &st), 0);
     EXPECT_EQ(st.st_mode & 0777, 0700U);
     ASSERT_EQ(::stat(runtime_.c_str(), &st), 0);
-    EXPECT_EQ(st.st_mode & 0777, 0700U);
+    // As root with the administrators' group (sysusers.d): 0710 with that group, so its members
+    // reach the REST socket (0660, that group), never list the directory.
+    const group* admins = ::geteuid() == 0 ? ::getgrnam("qmachined") : nullptr;
+    if (admins != nullptr) {
+        EXPECT_EQ(st.st_mode & 0777, 0710U);
+        EXPECT_EQ(st.st_gid, admins->gr_gid);
+        struct stat sock{};
+        ASSERT_EQ(::stat((runtime_ / "qmachined.sock").c_str(), &sock), 0);
+        EXPECT_EQ(sock.st_mode & 0777, 0660U);
+        EXPECT_EQ(sock.st_gid, admins->gr_gid);
+    } else {
+        EXPECT_EQ(st.st_mode & 0777, 0700U);
+    }
     EXPECT_FALSE(fs::exists(state_ / "broken.json"));
     EXPECT_TRUE(d.says("broken.json")) << d.output();
     EXPECT_TRUE(fs::exists(state_ / "idle.json"));
@@ -160,6 +174,26 @@ TEST_F(QmachinedTest, AutostartsLoadsAndStopsEveryMachineOnSigterm)
     }
     EXPECT_EQ(sockets, std::vector<std::string>{});
     EXPECT_TRUE(d.says("Machine 'auto1' is stopped")) << d.output();
+
+    // A second qmachined in the same boot (an upgrade, a restart after a crash) leaves stopped
+    // what was stopped: autostart is once per boot.
+    {
+        Daemon again(dirs(), root_ / "again.out");
+        ASSERT_TRUE(again.wait_for_output("ready")) << again.output();
+        EXPECT_TRUE(again.says("Autostart: done already in this boot")) << again.output();
+        std::this_thread::sleep_for(300ms);
+        EXPECT_EQ(children_of(again.pid()).size(), 0U) << again.output();
+        ::kill(again.pid(), SIGTERM);
+        EXPECT_EQ(again.wait_exit(), 0) << again.output();
+    }
+    // The record of another boot (or none): autostart again.
+    write_whole_file(runtime_ / "autostarted", "not-this-boot\n");
+    Daemon next_boot(dirs(), root_ / "next.out");
+    ASSERT_TRUE(next_boot.wait_for_output("Started 'auto1'")) << next_boot.output();
+    ASSERT_TRUE(next_boot.wait_for_output("Started 'auto2'")) << next_boot.output();
+    EXPECT_EQ(children_of(next_boot.pid()).size(), 2U) << next_boot.output();
+    ::kill(next_boot.pid(), SIGTERM);
+    EXPECT_EQ(next_boot.wait_exit(), 0) << next_boot.output();
 }
 
 TEST_F(QmachinedTest, OneDaemonPerRuntimeDirectorySighupReloadsSigintStops)
