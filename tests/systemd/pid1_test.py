@@ -1,0 +1,345 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""The installed units under a real systemd, as PID 1 of a private PID and mount namespace (TAP).
+
+  pid1_test.py BUILD_DIR
+
+These machines have no systemd as PID 1, but one boots in a namespace of its own in seconds: the
+test installs the build into a DESTDIR, boots /lib/systemd/systemd in `unshare --pid --mount`
+with private /tmp, /var/tmp, /run, /var/lib, /srv, /etc/systemd/system and /etc/dbus-1/system.d
+(tmpfs: systemd-tmpfiles would empty the host's /tmp, and nothing of the host's is enabled), the
+DESTDIR's prefix bound over the real one, and drives it with systemctl through nsenter:
+
+- qmachined.socket starts qmachined on the first connection (Type=notify: active with STATUS=);
+- a machine with the test guest and a disk in the image directory runs under the whole sandbox
+  (ProtectSystem=strict, SystemCallFilter=, DevicePolicy=, QEMU's own seccomp), the guest boots;
+  a disk outside image-dirs is refused with QEMU's "Read-only file system";
+- `systemctl restart` (KillMode=process), SIGKILL of the main process (Restart=on-failure) and a
+  watchdog timeout (WatchdogSec=, the daemon SIGSTOPped) each bring a new qmachined that re-attaches
+  the same QEMU; `systemctl reload` re-reads the configuration;
+- D-Bus: the policy lets the daemon own org.qmachined1; with the service stopped, a busctl call
+  activates it (SystemdService=, Alias=) and it answers with the machine it took over;
+- `systemd-analyze security` rates the running unit.
+Everything in the namespace dies with its PID 1 at the end (and if this test is killed).
+"""
+import ctypes
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+build_dir = sys.argv[1]
+results = []
+
+
+def check(ok, what, detail=""):
+    results.append((bool(ok), what, detail))
+    print(f"# {'ok' if ok else 'FAILED'}: {what}", flush=True)
+    return ok
+
+
+def run(argv, timeout=60, **kw):
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+    except subprocess.TimeoutExpired as e:
+        return subprocess.CompletedProcess(argv, -1, e.stdout or "", f"timed out: {argv}")
+
+
+def meson_options():
+    out = run(["meson", "introspect", "--buildoptions", build_dir])
+    return {o["name"]: o["value"] for o in json.loads(out.stdout)}
+
+
+def die_with_parent():
+    # PR_SET_PDEATHSIG: if this test dies, unshare dies, and --kill-child takes the namespace.
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+
+
+class Namespace:
+    def __init__(self, work, dest, prefix):
+        self.work = work
+        boot = os.path.join(work, "boot.sh")
+        policy = os.path.join(dest + "/" + prefix.lstrip("/"),
+                              "share/dbus-1/system.d/org.qmachined1.conf")
+        with open(boot, "w") as f:
+            f.write(f"""#!/bin/sh
+set -e
+mount --make-rprivate /
+for d in /tmp /var/tmp /run /var/lib /srv /etc/systemd/system; do
+  mkdir -p "$d"
+  mount -t tmpfs -o mode=0755 tmpfs "$d"
+done
+chmod 1777 /tmp /var/tmp
+if [ -d /etc/dbus-1/system.d ]; then mount -t tmpfs tmpfs /etc/dbus-1/system.d; fi
+cp '{policy}' /etc/dbus-1/system.d/
+mount --bind '{dest}{prefix}' '{prefix}'
+exec /lib/systemd/systemd --system --unit=basic.target --log-level=warning
+""")
+        os.chmod(boot, 0o755)
+        self.log = open(os.path.join(work, "console.log"), "w")
+        self.proc = subprocess.Popen(
+            ["unshare", "--fork", "--pid", "--mount", "--mount-proc", "--uts",
+             "--kill-child=SIGKILL", boot],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent)
+        self.pid1 = None
+
+    def find_pid1(self, deadline=20):
+        end = time.time() + deadline
+        while time.time() < end:
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        cmd = f.read()
+                except OSError:
+                    continue
+                if ppid == self.proc.pid and b"systemd" in cmd:
+                    self.pid1 = int(pid)
+                    return True
+            if self.proc.poll() is not None:
+                return False
+            time.sleep(0.05)
+        return False
+
+    def run(self, *argv, timeout=60, **kw):
+        return run(["nsenter", "-t", str(self.pid1), "-p", "-m", "-u", "--"] + list(argv),
+                   timeout=timeout, **kw)
+
+    def systemctl(self, *argv, timeout=60):
+        return self.run("systemctl", "--no-pager", *argv, timeout=timeout)
+
+    def show(self, unit, *props):
+        r = self.systemctl("show", unit, *[f"-p{p}" for p in props])
+        return dict(l.split("=", 1) for l in r.stdout.splitlines() if "=" in l)
+
+    def curl(self, method, path, body=None, timeout=60):
+        argv = ["curl", "-s", "-m", str(timeout), "--unix-socket", "/run/qmachined/qmachined.sock",
+                "-X", method, "-w", "\n%{http_code}", f"http://qmachined{path}"]
+        if body is not None:
+            argv += ["-H", "Content-Type: application/json", "-d", json.dumps(body)]
+        r = self.run(*argv, timeout=timeout + 5)
+        text, _, code = r.stdout.rpartition("\n")
+        try:
+            doc = json.loads(text) if text else None
+        except ValueError:
+            doc = None
+        return int(code or 0), doc, text
+
+    def close(self):
+        if self.pid1:
+            try:
+                os.kill(self.pid1, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def wait_until(predicate, deadline=30, step=0.1):
+    end = time.time() + deadline
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return predicate()
+
+
+def main():
+    opts = meson_options()
+    prefix = opts["prefix"]
+    if not check(prefix not in ("/", "/usr") and os.geteuid() == 0,
+                 f"runs as root with a build prefix that can be bound over ({prefix})"):
+        return
+    guest = os.environ.get("QM_GUEST_DIR") or run(
+        [os.path.join(os.path.dirname(__file__), "../../scripts/guest-image")],
+        timeout=600).stdout.strip().splitlines()[-1]
+    # In the build directory: the namespace gets a private /tmp, which would hide it.
+    work = tempfile.mkdtemp(prefix="pid1-test.", dir=os.path.abspath(build_dir))
+    ns = None
+    try:
+        dest = os.path.join(work, "dest")
+        r = run(["meson", "install", "-C", build_dir, "--no-rebuild", "--quiet", "--destdir",
+                 dest])
+        if not check(r.returncode == 0, "meson install --destdir", r.stdout + r.stderr):
+            return
+        ns = Namespace(work, dest, prefix)
+        if not check(ns.find_pid1(), "systemd boots as PID 1 of a namespace",
+                     open(os.path.join(work, "console.log")).read()):
+            return
+        state = wait_until(lambda: ns.systemctl("is-system-running").stdout.strip()
+                           in ("running", "degraded"), 60)
+        if not check(state, "the manager reaches basic.target",
+                     ns.systemctl("is-system-running").stdout +
+                     ns.systemctl("list-units", "--failed").stdout):
+            return
+        # What an installation does: users and groups, the image directory, the D-Bus daemon.
+        ns.run("systemd-sysusers")
+        ns.run("systemd-tmpfiles", "--create", f"{prefix}/lib/tmpfiles.d/qmachined.conf")
+        r = ns.systemctl("start", "dbus.socket", "dbus.service")
+        check(r.returncode == 0, "the system bus runs in the namespace", r.stderr)
+        r = ns.systemctl("enable", "--now", "qmachined.socket")
+        r2 = ns.systemctl("enable", "qmachined.service")
+        check(r.returncode == 0 and r2.returncode == 0,
+              "systemctl enable --now qmachined.socket; enable qmachined.service",
+              r.stderr + r2.stderr)
+        check(ns.show("qmachined.service", "ActiveState")["ActiveState"] == "inactive",
+              "qmachined does not run before a client comes")
+
+        # Socket activation and Type=notify.
+        code, doc, text = ns.curl("GET", "/v1/health")
+        svc = ns.show("qmachined.service", "ActiveState", "SubState", "StatusText", "MainPID",
+                      "NRestarts")
+        check(code == 200 and svc["ActiveState"] == "active" and
+              svc["StatusText"] == "0 machines",
+              "the first connection starts qmachined; active with STATUS=", f"{code} {text} {svc}")
+
+        # A machine under the sandbox, with a disk in the image directory.
+        ns.run("truncate", "-s", "8M", "/var/lib/qmachined-images/disk.raw")
+        ns.run("chown", "qmachined-qemu", "/var/lib/qmachined-images/disk.raw")
+        spec = {"machine": "pc,accel=tcg", "memory_mib": 128, "args": [
+            "-nodefaults", "-no-user-config", "-no-reboot", "-kernel", guest + "/vmlinuz",
+            "-initrd", guest + "/initramfs.cpio.gz", "-append",
+            "console=ttyS0 quiet panic=-1 qmtest.hello=under-systemd",
+            "-drive", "file=/var/lib/qmachined-images/disk.raw,format=raw,if=virtio"],
+            "shutdown": {"mode": "quit", "timeout_s": 10}}
+        code, _, text = ns.curl("POST", "/v1/machines", {"name": "vm", "spec": spec})
+        check(code == 201, "create a machine", text)
+        code, doc, text = ns.curl("POST", "/v1/machines/vm/start")
+        qemu = doc.get("pid") if code == 200 and doc else None
+        check(qemu, "the machine starts under the sandbox (disk in image-dirs)", text)
+        code, doc, text = ns.curl("POST", "/v1/machines/vm/console/wait",
+                                  {"pattern": "hello under-systemd", "timeout_s": 120},
+                                  timeout=130)
+        check(code == 200 and doc and doc.get("timed_out") is False,
+              "the guest boots and says hello on its console", text)
+        r = ns.run("ps", "-o", "user:32=,args=", "-p", str(qemu))
+        status = ns.run("cat", f"/proc/{qemu}/status").stdout
+        filters = re.search(r"^Seccomp_filters:\s*(\d+)", status, re.M)
+        check(r.stdout.startswith("qmachined-qemu ") and "-sandbox on" in r.stdout and
+              re.search(r"^Seccomp:\s*2$", status, re.M) and
+              (filters is None or int(filters.group(1)) >= 2),
+              "QEMU runs as qmachined-qemu under two seccomp filters: the unit's and its own",
+              r.stdout + status)
+
+        ns.run("truncate", "-s", "8M", "/srv/outside.raw")
+        ns.run("chown", "qmachined-qemu", "/srv/outside.raw")
+        outside = dict(spec, args=spec["args"][:-2] + [
+            "-drive", "file=/srv/outside.raw,format=raw,if=virtio"])
+        ns.curl("POST", "/v1/machines", {"name": "outside", "spec": outside})
+        code, doc, text = ns.curl("POST", "/v1/machines/outside/start")
+        check(code == 502 and "Read-only file system" in text,
+              "a disk outside image-dirs: ProtectSystem=strict, QEMU's error in the answer",
+              text[-600:])
+        ns.curl("DELETE", "/v1/machines/outside")
+
+        def same_machine(what):
+            code, doc, text = ns.curl("GET", "/v1/machines/vm")
+            return check(code == 200 and doc["state"] == "running" and doc["pid"] == qemu,
+                         f"{what}: the new qmachined re-attached the same QEMU", text)
+
+        # systemctl restart: KillMode=process.
+        before = ns.show("qmachined.service", "MainPID")["MainPID"]
+        r = ns.systemctl("restart", "qmachined.service")
+        after = ns.show("qmachined.service", "MainPID", "ActiveState")
+        check(r.returncode == 0 and after["MainPID"] != before and after["ActiveState"] == "active",
+              "systemctl restart qmachined", r.stderr + str(after))
+        same_machine("systemctl restart")
+
+        # SIGKILL of the main process: Restart=on-failure.
+        main_pid = int(after["MainPID"])
+        ns.run("kill", "-KILL", str(main_pid))
+        restarted = wait_until(lambda: (lambda s: s["ActiveState"] == "active" and
+                                        s["MainPID"] not in ("0", str(main_pid)) and
+                                        s["NRestarts"] == "1")(
+            ns.show("qmachined.service", "ActiveState", "MainPID", "NRestarts")), 30)
+        check(restarted, "SIGKILL of qmachined: systemd starts it again (Restart=on-failure)",
+              str(ns.show("qmachined.service", "ActiveState", "MainPID", "NRestarts")))
+        same_machine("Restart=on-failure")
+
+        # The watchdog: a qmachined whose loop stops is killed and started again.
+        ns.run("mkdir", "-p", "/run/systemd/system/qmachined.service.d")
+        ns.run("sh", "-c", "printf '[Service]\\nWatchdogSec=2s\\n' > "
+                           "/run/systemd/system/qmachined.service.d/90-test-watchdog.conf")
+        ns.systemctl("daemon-reload")
+        ns.systemctl("restart", "qmachined.service")
+        stopped_pid = ns.show("qmachined.service", "MainPID")["MainPID"]
+        time.sleep(3)  # keep-alives every second: still the same process
+        alive = ns.show("qmachined.service", "MainPID")["MainPID"] == stopped_pid
+        ns.run("kill", "-STOP", stopped_pid)
+        replaced = wait_until(lambda: (lambda s: s["ActiveState"] == "active" and
+                                       s["MainPID"] not in ("0", stopped_pid))(
+            ns.show("qmachined.service", "ActiveState", "MainPID")), 30)
+        journal = ns.run("journalctl", "-u", "qmachined", "--no-pager").stdout
+        check(alive and replaced and "Watchdog timeout" in journal,
+              "WatchdogSec=: a stopped loop is killed and qmachined started again",
+              f"alive={alive} replaced={replaced}\n" + journal[-1500:])
+        same_machine("the watchdog")
+        ns.run("rm", "/run/systemd/system/qmachined.service.d/90-test-watchdog.conf")
+        ns.systemctl("daemon-reload")
+
+        # systemctl reload: SIGHUP re-reads the configuration file.
+        r = ns.systemctl("reload", "qmachined.service")
+        reloaded = wait_until(lambda: "Reloaded '" in ns.run(
+            "journalctl", "-u", "qmachined", "--no-pager").stdout, 10)
+        check(r.returncode == 0 and reloaded, "systemctl reload re-reads the configuration",
+              r.stderr)
+
+        # D-Bus: owned under the policy; activation through systemd.
+        def list_over_dbus():
+            return ns.run("busctl", "--system", "--timeout=60", "--json=short", "call",
+                          "org.qmachined1", "/org/qmachined1", "org.qmachined1.Manager",
+                          "ListMachines", timeout=70)
+
+        r = list_over_dbus()
+        check(r.returncode == 0 and '"vm"' in r.stdout, "busctl ListMachines (the policy)",
+              r.stdout + r.stderr)
+        r = ns.systemctl("stop", "qmachined.service")
+        check(ns.show("qmachined.service", "ActiveState")["ActiveState"] == "inactive",
+              "systemctl stop qmachined", r.stderr)
+        r = list_over_dbus()
+        svc = ns.show("qmachined.service", "ActiveState")
+        check(r.returncode == 0 and '"vm"' in r.stdout and svc["ActiveState"] == "active",
+              "a D-Bus call activates the stopped qmachined, which answers with the machine",
+              r.stdout + r.stderr + str(svc))
+        same_machine("D-Bus activation")
+
+        r = ns.run("systemd-analyze", "security", "--no-pager", "qmachined.service")
+        m = re.search(r"Overall exposure level for qmachined.service: ([0-9.]+)", r.stdout)
+        check(m, "systemd-analyze security on the running unit", r.stdout[-500:] + r.stderr)
+        if m:
+            print(f"# systemd-analyze security (running): {m.group(1)}")
+
+        code, _, text = ns.curl("POST", "/v1/machines/vm/kill")
+        check(code == 200, "the machine is killed at the end", text)
+    finally:
+        if ns:
+            ns.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+try:
+    main()
+except Exception:
+    import traceback
+    check(False, "the test ran to the end", traceback.format_exc())
+
+print(f"1..{len(results)}")
+for i, (ok, what, detail) in enumerate(results, 1):
+    print(f"{'ok' if ok else 'not ok'} {i} - {what}")
+    if not ok and detail:
+        for line in str(detail).splitlines()[-40:]:
+            print(f"#   {line}")
+sys.exit(0 if all(ok for ok, _, _ in results) else 1)
