@@ -594,6 +594,7 @@ expected<CommandLine> parse_command_line(const std::vector<std::string>& args, b
     }
     if (flags->log_level) {
         config.log_level = *flags->log_level;
+        config.log_level_from_flag = true;
     }
     for (const auto& [key, value] : flags->settings) {
         if (auto applied = apply_setting(config, key, value); !applied) {
@@ -960,7 +961,10 @@ Options (each as "--option value" or "--option=value"; the last one given wins):
   -h, --help           print this help and exit
   --version            print the version and exit
 
-Directories are created with mode 0700.
+Directories are created with mode 0700 (the runtime directory of a root qmachined: 0710 with
+the group qmachined, whose members may then use the REST socket).
+Under systemd: $STATE_DIRECTORY and $RUNTIME_DIRECTORY are the default directories, and a REST
+socket passed with LISTEN_FDS (qmachined.socket) is used instead of binding one.
 )",
         root_state_dir, root_runtime_dir, level_list(), root_image_dir, denied_list());
 }

@@ -37,6 +37,7 @@ struct Config
     std::string runtime_dir; // sockets, records, logs of running machines (tmpfs)
     spdlog::level::level_enum log_level = spdlog::level::info;
     std::string config_file; // empty: none
+    bool log_level_from_flag = false; // --log-level was given (it wins over the file's, at reload too)
 
     // REST (keys rest-*; see usage()).
     std::string rest_socket;     // the unix socket; empty: <runtime_dir>/qmachined.sock; "none": none

@@ -525,10 +525,14 @@ private:
             spdlog::warn("Reloaded '{}': directory changes take effect at the next start",
                          config_.config_file);
         }
-        config_.log_level = fresh.log_level;
-        spdlog::set_level(fresh.log_level);
-        spdlog::info("Reloaded '{}' (log level {})", config_.config_file,
-                     spdlog::level::to_string_view(fresh.log_level));
+        // The command line wins over the file, at start and at every reload.
+        if (!config_.log_level_from_flag) {
+            config_.log_level = fresh.log_level;
+            spdlog::set_level(fresh.log_level);
+        }
+        spdlog::info("Reloaded '{}' (log level {}{})", config_.config_file,
+                     spdlog::level::to_string_view(config_.log_level),
+                     config_.log_level_from_flag ? ", from --log-level" : "");
     }
 
     qm::asio::io_context& ioc_;

@@ -798,6 +798,96 @@ TEST(MachineSettingsTest, BadValuesInTheFileNameTheLine)
     }
 }
 
+// systemd's StateDirectory= and RuntimeDirectory= say where (one directory each; a list is not
+// ours to choose from); for root and for a user.
+TEST(DefaultConfigTest, UnitDirectoriesFromTheServiceManager)
+{
+    for (bool root : {true, false}) {
+        auto c = default_config(root, env({{"HOME", "/home/u"},
+                                           {"XDG_RUNTIME_DIR", "/run/user/1000"},
+                                           {"STATE_DIRECTORY", "/var/lib/other/"},
+                                           {"RUNTIME_DIRECTORY", "/run/other"}}));
+        ASSERT_TRUE(c) << describe(c.error());
+        EXPECT_EQ(c->state_dir, "/var/lib/other");
+        EXPECT_EQ(c->runtime_dir, "/run/other");
+    }
+    auto listed = default_config(true, env({{"STATE_DIRECTORY", "/var/lib/a:/var/lib/b"},
+                                            {"RUNTIME_DIRECTORY", "relative"}}));
+    ASSERT_TRUE(listed) << describe(listed.error());
+    EXPECT_EQ(listed->state_dir, "/var/lib/qmachined");
+    EXPECT_EQ(listed->runtime_dir, "/run/qmachined");
+}
+
+TEST(MachineSettingsTest, ImageDirectories)
+{
+    // The default: root's image directory; none for a user.
+    auto root = parse_command_line({}, true, env({}));
+    ASSERT_TRUE(root) << describe(root.error());
+    EXPECT_EQ(root->config.image_dirs, std::vector<std::string>{"/var/lib/qmachined-images"});
+    auto user = parse({});
+    ASSERT_TRUE(user) << describe(user.error());
+    EXPECT_TRUE(user->config.image_dirs.empty());
+
+    auto r = parse({"--image-dirs", " /srv/images/ , /home/vm//disks,/srv/images"});
+    ASSERT_TRUE(r) << describe(r.error());
+    EXPECT_EQ(r->config.image_dirs, (std::vector<std::string>{"/srv/images", "/home/vm/disks"}));
+    auto none = parse_command_line({"--image-dirs="}, true, env({}));
+    ASSERT_TRUE(none) << describe(none.error());
+    EXPECT_TRUE(none->config.image_dirs.empty());
+
+    // What a unit file's ReadWritePaths= could not carry as it is.
+    for (const auto& [value, why] : std::vector<std::pair<std::string, std::string>>{
+             {"images", "'images' is not an absolute path"},
+             {"/srv/my images", "'/srv/my images' has a character"},
+             {"/srv/100%", "'/srv/100%' has a character"},
+             {"/srv/\"x\"", "has a character"},
+             {"/srv/a\\b", "has a character"},
+             {"/srv/a\tb", "has a character"},
+             {"/srv/a,", "'' is not an absolute path"}}) {
+        auto bad = parse({"--image-dirs", value});
+        EXPECT_NE(error_of(bad).find("--image-dirs: " + std::string()), std::string::npos)
+            << value << ": " << error_of(bad);
+        EXPECT_NE(error_of(bad).find(why), std::string::npos) << value << ": " << error_of(bad);
+    }
+    Config c = parse({})->config;
+    auto file = apply_config_text(c, "image-dirs = /a, /b\n", "q.conf");
+    ASSERT_TRUE(file) << describe(file.error());
+    EXPECT_EQ(c.image_dirs, (std::vector<std::string>{"/a", "/b"}));
+    auto bad_file = apply_config_text(c, "\nimage-dirs = /a b\n", "q.conf");
+    ASSERT_FALSE(bad_file);
+    EXPECT_NE(bad_file.error().message.find("q.conf:2: image-dirs: '/a b'"), std::string::npos)
+        << bad_file.error().message;
+}
+
+TEST(MachineSettingsTest, LogLevelFlagIsRemembered)
+{
+    auto r = parse({"--log-level", "warn"});
+    ASSERT_TRUE(r) << describe(r.error());
+    EXPECT_TRUE(r->config.log_level_from_flag);
+    auto d = parse({});
+    ASSERT_TRUE(d) << describe(d.error());
+    EXPECT_FALSE(d->config.log_level_from_flag);
+}
+
+// The runtime directory of a root daemon: 0710 with the administrators' group.
+TEST_F(ConfigFileTest, EnsurePrivateDirWithAGroup)
+{
+    const auto shared = dir_ / "shared";
+    const gid_t group = ::getegid() == 0 ? 4242 : ::getegid(); // root may give any group
+    auto r = ensure_private_dir(shared.string(), group);
+    ASSERT_TRUE(r) << describe(r.error());
+    struct stat st {};
+    ASSERT_EQ(::stat(shared.c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 07777, 0710u);
+    EXPECT_EQ(st.st_gid, group);
+    // Looser bits go; without the group it is private again.
+    ::chmod(shared.c_str(), 0775);
+    ASSERT_TRUE(ensure_private_dir(shared.string(), group));
+    EXPECT_EQ(mode_of(shared), 0710u);
+    ASSERT_TRUE(ensure_private_dir(shared.string()));
+    EXPECT_EQ(mode_of(shared), 0700u);
+}
+
 TEST(UsageTest, MentionsEveryFlagAndTheDefaults)
 {
     const std::string text = usage();

@@ -212,10 +212,20 @@ TEST_F(QmachinedTest, OneDaemonPerRuntimeDirectorySighupReloadsSigintStops)
 
     write_whole_file(conf, "log-level = debug\n");
     ::kill(first.pid(), SIGHUP);
-    EXPECT_TRUE(first.wait_for_output("Reloaded")) << first.output();
+    EXPECT_TRUE(first.wait_for_output("(log level debug)")) << first.output();
 
     ::kill(first.pid(), SIGINT);
     EXPECT_EQ(first.wait_exit(), 0) << first.output();
+
+    // --log-level wins over the file, at a reload too.
+    args.insert(args.end(), {"--log-level", "info"});
+    Daemon flagged(args, root_ / "flagged.out");
+    ASSERT_TRUE(flagged.wait_for_output("ready")) << flagged.output();
+    ::kill(flagged.pid(), SIGHUP);
+    EXPECT_TRUE(flagged.wait_for_output("(log level info, from --log-level)")) << flagged.output();
+    ::kill(flagged.pid(), SIGINT);
+    EXPECT_EQ(flagged.wait_exit(), 0) << flagged.output();
+    EXPECT_FALSE(flagged.says("debug:")) << flagged.output();
 }
 
 } // namespace
