@@ -234,6 +234,24 @@ TEST_F(SystemdTest, PassedDescriptorThatIsNotAStreamSocketIsRefused)
     daemon_.reset();
 }
 
+// LimitNOFILE=1024:524288 in the unit: qmachined raises its soft limit to the hard one.
+TEST_F(SystemdTest, RaisesItsDescriptorLimitToTheHardOne)
+{
+    std::vector<std::string> args{"--nofile=1024:8192", QM_QMACHINED};
+    const auto own = daemon_args();
+    args.insert(args.end(), own.begin(), own.end());
+    daemon_ = std::make_unique<DaemonProcess>("/usr/bin/prlimit", args, root_ / "limit.out");
+    ASSERT_TRUE(eventually([&] { return accepts_connections(socket_path()); }, 30s))
+        << daemon_->output();
+    std::string limit;
+    for (const auto& line : lines_with(read_whole_file(fmt::format("/proc/{}/limits",
+                                                                   daemon_->pid())),
+                                       "Max open files")) {
+        limit = line;
+    }
+    EXPECT_NE(limit.find("8192                 8192"), std::string::npos) << limit;
+}
+
 // `systemctl restart qmachined` as the installed unit's KillMode= has systemd do it: "process"
 // signals the main process only; "mixed" SIGTERMs it and SIGKILLs the rest of the cgroup (here:
 // the daemon's children, its QEMUs); "control-group" SIGTERMs every process. Then a new daemon
