@@ -186,13 +186,13 @@ expected<std::string> absolute_from_flag(std::string_view flag, const std::strin
 }
 
 // The settings beyond the directories and the log level: same key in the file and as a flag.
-constexpr std::array<std::string_view, 20> other_settings{
+constexpr std::array<std::string_view, 21> other_settings{
     "rest-socket",          "rest-listen",     "rest-allow-remote", "rest-token-file",
     "rest-max-connections", "rest-max-body",   "rest-request-timeout",
     "rest-max-subscribers", "shutdown-policy", "qemu-user",         "qemu-sandbox",
     "qemu-log-max",         "qmp-allow",       "qmp-deny",          "event-ring",
     "event-queue",          "bus",             "max-machines",      "qmp-timeout",
-    "image-dirs",
+    "image-dirs",           "machined",
 };
 
 bool is_other_setting(std::string_view key)
@@ -407,6 +407,12 @@ expected<void> apply_setting(Config& c, std::string_view key, const std::string&
             return fail(std::move(names).error());
         }
         (key == "qmp-allow" ? c.qmp_allow : c.qmp_deny) = std::move(*names);
+    } else if (key == "machined") {
+        if (value != "auto" && value != "on" && value != "off") {
+            return fail(errc::invalid_argument,
+                        fmt::format("{}: '{}' is not one of auto, on, off", key, value));
+        }
+        c.machined = value;
     } else if (key == "image-dirs") {
         auto dirs = parse_dir_list(key, value);
         if (!dirs) {
@@ -951,6 +957,11 @@ Options (each as "--option value" or "--option=value"; the last one given wins):
                          qmachined-generator makes them writable in the service's sandbox
                          (ProtectSystem=strict): "" (an empty value) for none
                          default: {} as root, none otherwise
+  --machined auto|on|off
+                       register running machines with systemd-machined (each gets its own
+                         machine-NAME.scope; machinectl lists and terminates them): auto does
+                         when qmachined runs as root and serves the system bus
+                         default: auto
   --qmp-allow CMD[,CMD]...
                        QMP passthrough commands to lift from the default deny set:
                          {}

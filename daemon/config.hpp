@@ -70,6 +70,9 @@ struct Config
     // The daemon only checks that they exist; qmachined-generator makes them writable in the
     // service's sandbox.
     std::vector<std::string> image_dirs;
+    // systemd-machined registration (key machined): "auto" (as root, when serving the system
+    // bus), "on" (through the system bus in any case), "off".
+    std::string machined = "auto";
 };
 
 // The QMP passthrough policy of qmp-allow and qmp-deny.

@@ -25,6 +25,7 @@
 #include "daemon/activation.hpp"
 #include "daemon/config.hpp"
 #include "daemon/dbus/service.hpp"
+#include "daemon/machined.hpp"
 #include "daemon/metrics.hpp"
 #include "daemon/notify.hpp"
 #include "daemon/qemu_version.hpp"
@@ -249,6 +250,32 @@ private:
         }
         dbus_.emplace(ioc_, supervisor_, std::move(*bus), options);
         spdlog::info("D-Bus: connected to {}", address.describe());
+        serves_system_bus_ = address.kind == qm::dbus::BusAddress::Kind::system;
+    }
+
+    // systemd-machined: through the system bus the front end serves, or one of its own when
+    // asked for (machined = on) with another bus.
+    void start_machined()
+    {
+        const bool wanted = config_.machined == "on" ||
+                            (config_.machined == "auto" && ::geteuid() == 0 && serves_system_bus_);
+        if (!wanted) {
+            spdlog::debug("machined: not registering machines (machined = {})", config_.machined);
+            return;
+        }
+        qm::dbus::Bus* bus = serves_system_bus_ && dbus_ ? &dbus_->bus() : nullptr;
+        if (bus == nullptr) {
+            auto own = qm::dbus::Bus::open(ioc_, qm::dbus::BusAddress::parse("system"));
+            if (!own) {
+                spdlog::info("machined: no system bus ({}): machines are not registered",
+                             own.error().message);
+                return;
+            }
+            machined_bus_ = std::move(*own);
+            bus = machined_bus_.get();
+        }
+        machined_.emplace(ioc_, supervisor_, *bus);
+        machined_->start();
     }
 
     void ready()
@@ -270,6 +297,7 @@ private:
         if (dbus_) {
             dbus_->start();
         }
+        start_machined();
         autostart_once_per_boot();
         probe_qemu();
         spdlog::info("qmachined {} ready: state '{}', runtime '{}', {} machine(s)", version,
@@ -488,7 +516,9 @@ private:
         if (server_) {
             server_->close();
         }
+        machined_.reset(); // it uses a bus
         dbus_.reset();
+        machined_bus_.reset();
         done_ = true;
         signals_.cancel();
         finish_deadline_ = std::chrono::steady_clock::now() + std::chrono::seconds(1);
@@ -545,6 +575,10 @@ private:
     qm::rest::Api api_;
     std::optional<qm::rest::Server> server_;
     std::optional<qm::dbus::Service> dbus_;
+    bool serves_system_bus_ = false;
+    std::unique_ptr<qm::dbus::Bus> machined_bus_; // machined = on without serving the system bus
+    // After the buses: its calls are freed with their slots when a bus goes.
+    std::optional<qm::daemon::MachinedRegistrar> machined_;
     qm::asio::signal_set signals_;
     qm::asio::steady_timer finish_timer_{ioc_};
     std::chrono::steady_clock::time_point finish_deadline_{};

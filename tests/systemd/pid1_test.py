@@ -22,16 +22,15 @@ DESTDIR's prefix bound over the real one, and drives it with systemctl through n
 - `systemd-analyze security` rates the running unit.
 Everything in the namespace dies with its PID 1 at the end (and if this test is killed).
 """
-import ctypes
 import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
+
+from pid1ns import Namespace, meson_options, run, wait_until
 
 build_dir = sys.argv[1]
 results = []
@@ -43,122 +42,8 @@ def check(ok, what, detail=""):
     return ok
 
 
-def run(argv, timeout=60, **kw):
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
-    except subprocess.TimeoutExpired as e:
-        return subprocess.CompletedProcess(argv, -1, e.stdout or "", f"timed out: {argv}")
-
-
-def meson_options():
-    out = run(["meson", "introspect", "--buildoptions", build_dir])
-    return {o["name"]: o["value"] for o in json.loads(out.stdout)}
-
-
-def die_with_parent():
-    # PR_SET_PDEATHSIG: if this test dies, unshare dies, and --kill-child takes the namespace.
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
-
-
-class Namespace:
-    def __init__(self, work, dest, prefix):
-        self.work = work
-        boot = os.path.join(work, "boot.sh")
-        policy = os.path.join(dest + "/" + prefix.lstrip("/"),
-                              "share/dbus-1/system.d/org.qmachined1.conf")
-        with open(boot, "w") as f:
-            f.write(f"""#!/bin/sh
-set -e
-mount --make-rprivate /
-for d in /tmp /var/tmp /run /var/lib /srv /etc/systemd/system; do
-  mkdir -p "$d"
-  mount -t tmpfs -o mode=0755 tmpfs "$d"
-done
-chmod 1777 /tmp /var/tmp
-if [ -d /etc/dbus-1/system.d ]; then mount -t tmpfs tmpfs /etc/dbus-1/system.d; fi
-cp '{policy}' /etc/dbus-1/system.d/
-mount --bind '{dest}{prefix}' '{prefix}'
-exec /lib/systemd/systemd --system --unit=basic.target --log-level=warning
-""")
-        os.chmod(boot, 0o755)
-        self.log = open(os.path.join(work, "console.log"), "w")
-        self.proc = subprocess.Popen(
-            ["unshare", "--fork", "--pid", "--mount", "--mount-proc", "--uts",
-             "--kill-child=SIGKILL", boot],
-            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent)
-        self.pid1 = None
-
-    def find_pid1(self, deadline=20):
-        end = time.time() + deadline
-        while time.time() < end:
-            for pid in os.listdir("/proc"):
-                if not pid.isdigit():
-                    continue
-                try:
-                    with open(f"/proc/{pid}/stat") as f:
-                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                    with open(f"/proc/{pid}/cmdline", "rb") as f:
-                        cmd = f.read()
-                except OSError:
-                    continue
-                if ppid == self.proc.pid and b"systemd" in cmd:
-                    self.pid1 = int(pid)
-                    return True
-            if self.proc.poll() is not None:
-                return False
-            time.sleep(0.05)
-        return False
-
-    def run(self, *argv, timeout=60, **kw):
-        return run(["nsenter", "-t", str(self.pid1), "-p", "-m", "-u", "--"] + list(argv),
-                   timeout=timeout, **kw)
-
-    def systemctl(self, *argv, timeout=60):
-        return self.run("systemctl", "--no-pager", *argv, timeout=timeout)
-
-    def show(self, unit, *props):
-        r = self.systemctl("show", unit, *[f"-p{p}" for p in props])
-        return dict(l.split("=", 1) for l in r.stdout.splitlines() if "=" in l)
-
-    def curl(self, method, path, body=None, timeout=60):
-        argv = ["curl", "-s", "-m", str(timeout), "--unix-socket", "/run/qmachined/qmachined.sock",
-                "-X", method, "-w", "\n%{http_code}", f"http://qmachined{path}"]
-        if body is not None:
-            argv += ["-H", "Content-Type: application/json", "-d", json.dumps(body)]
-        r = self.run(*argv, timeout=timeout + 5)
-        text, _, code = r.stdout.rpartition("\n")
-        try:
-            doc = json.loads(text) if text else None
-        except ValueError:
-            doc = None
-        return int(code or 0), doc, text
-
-    def close(self):
-        if self.pid1:
-            try:
-                os.kill(self.pid1, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-
-
-def wait_until(predicate, deadline=30, step=0.1):
-    end = time.time() + deadline
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    return predicate()
-
-
 def main():
-    opts = meson_options()
+    opts = meson_options(build_dir)
     prefix = opts["prefix"]
     if not check(prefix not in ("/", "/usr") and os.geteuid() == 0,
                  f"runs as root with a build prefix that can be bound over ({prefix})"):
