@@ -618,8 +618,55 @@ int cmd_start(Context& c)
     return action(c, "start", "Started");
 }
 
+// stop --all: every machine with a process, by its own spec, in parallel (POST /v1/stop-all).
+int stop_all(Context& c)
+{
+    if (!c.args.positional.empty() || c.args.last("mode") || c.args.last("timeout")) {
+        return usage_error("--all stops every machine by its own spec: no NAME, --mode or "
+                           "--timeout with it");
+    }
+    std::string body;
+    if (auto concurrency = c.args.last("concurrency")) {
+        auto n = parse_integer("--concurrency", *concurrency, 1, 256);
+        if (!n) {
+            return usage_error(n.error().message);
+        }
+        body = fmt::format("{{\"concurrency\":{}}}", *n);
+    }
+    auto a = call_json(c, "stop", "every machine", "POST", "/v1/stop-all", body);
+    if (!a.ok()) {
+        return a.status;
+    }
+    if (c.json) {
+        print_json(a.doc);
+    }
+    int status = exit_ok;
+    if (const json::Value* failed = json::find(a.doc, "failed"); failed && failed->IsArray()) {
+        for (const auto& f : failed->GetArray()) {
+            status = exit_failed;
+            std::fprintf(stderr, "qmachinectl: Failed to stop '%s': %s\n", str(f, "name").c_str(),
+                         str(f, "detail").c_str());
+        }
+    }
+    if (!c.json) {
+        const json::Value* stopped = json::find(a.doc, "stopped");
+        const std::size_t n = stopped && stopped->IsArray() ? stopped->Size() : 0;
+        out(fmt::format("Stopped {} machine{}.\n", n, n == 1 ? "" : "s"));
+    }
+    return status;
+}
+
 int cmd_stop(Context& c)
 {
+    if (c.args.has("all")) {
+        return stop_all(c);
+    }
+    if (c.args.positional.empty()) {
+        return usage_error("stop needs NAME... or --all");
+    }
+    if (c.args.last("concurrency")) {
+        return usage_error("--concurrency goes with --all");
+    }
     std::string body;
     std::vector<std::string> members;
     if (auto mode = c.args.last("mode")) {
@@ -1020,9 +1067,11 @@ constexpr std::array<OptionSpec, 7> create_options{{
     {"arg", 0, "ARG", "one more QEMU argument (repeat it: --arg -drive --arg file=...)"},
     {"autostart", 0, "", "start the machine with qmachined"},
 }};
-constexpr std::array<OptionSpec, 2> stop_options{{
+constexpr std::array<OptionSpec, 4> stop_options{{
     {"mode", 0, "MODE", "powerdown (the ACPI power button) or quit (QEMU quits at once)"},
     {"timeout", 0, "SECONDS", "how long the graceful part may take before QEMU is killed"},
+    {"all", 0, "", "every machine with a process, each by its own spec, in parallel"},
+    {"concurrency", 0, "N", "with --all: machines stopped at once (default 16)"},
 }};
 constexpr std::array<OptionSpec, 1> delete_options{{
     {"force", 'f', "", "kill a running machine first"},
@@ -1093,9 +1142,11 @@ const std::array<Command, 18> command_table{{
      "Answers once QMP is negotiated: the machine is running.",
      {},
      cmd_start},
-    {"stop", "NAME...", 1, any, "Stop machines gracefully",
+    {"stop", "NAME... | --all", 0, any, "Stop machines gracefully",
      "By the spec's shutdown (or --mode and --timeout); QEMU is killed when the graceful part\n"
-     "fails. Answers once the process has exited.",
+     "fails. Answers once the process has exited. --all stops every machine with a process,\n"
+     "--concurrency at a time, each by its own spec (what qmachined-guests.service does at the\n"
+     "host's shutdown).",
      stop_options, cmd_stop},
     {"kill",
      "NAME...",

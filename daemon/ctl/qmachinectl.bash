@@ -95,7 +95,7 @@ _qmachinectl()
     case $command in
         list) options="--names" ;;
         create) options="--spec --binary --machine --memory --cpus --arg --autostart" ;;
-        stop) options="--mode --timeout" ;;
+        stop) options="--mode --timeout --all --concurrency" ;;
         delete) options="--force" ;;
         qmp) options="--timeout" ;;
         events) options="--machine --event --match --since --follow" ;;

@@ -210,6 +210,8 @@ std::string_view audited_op(Route route)
         return "restart";
     case Route::qmp:
         return "qmp";
+    case Route::stop_all:
+        return "stop-all";
     case Route::version:
     case Route::health:
     case Route::metrics:
@@ -413,6 +415,9 @@ awaitable<Response> Api::dispatch(RouteMatch m, Request req)
     case Route::resume:
     case Route::restart:
         r = co_await action(route, m.name, std::move(req));
+        break;
+    case Route::stop_all:
+        r = co_await stop_all(std::move(req));
         break;
     }
     co_return r;
@@ -716,6 +721,45 @@ awaitable<Response> Api::action(Route route, std::string name, Request req)
         break;
     }
     co_return op_response(result);
+}
+
+// Every machine with a process stopped gracefully, `concurrency` at a time (the host's shutdown:
+// qmachined-guests.service). 200 once all are done, with what stopped and what failed.
+awaitable<Response> Api::stop_all(Request req)
+{
+    auto body = body_object(req, {"concurrency"});
+    if (auto* problem = std::get_if<Response>(&body)) {
+        co_return std::move(*problem);
+    }
+    const json::Document& doc = std::get<json::Document>(body);
+    std::size_t concurrency = 0;
+    if (const json::Value* c = json::find(doc, "concurrency")) {
+        if (!c->IsUint64() || c->GetUint64() < 1 || c->GetUint64() > 256) {
+            co_return bad_request("concurrency must be a whole number from 1 to 256", "concurrency");
+        }
+        concurrency = static_cast<std::size_t>(c->GetUint64());
+    }
+    if (supervisor_.shutting_down()) {
+        co_return problem_response(make_problem(errc::shutting_down, "qmachined is shutting down"));
+    }
+    const daemon::StopAllResult result = co_await supervisor_.stop_all(concurrency);
+    json::Document d(rapidjson::kObjectType);
+    auto& a = d.GetAllocator();
+    json::Value stopped(rapidjson::kArrayType);
+    for (const std::string& name : result.stopped) {
+        stopped.PushBack(json::Value(name.c_str(), a), a);
+    }
+    json::Value failed(rapidjson::kArrayType);
+    for (const auto& [name, why] : result.failed) {
+        json::Value f(rapidjson::kObjectType);
+        f.AddMember("name", json::Value(name.c_str(), a), a);
+        f.AddMember("detail", json::Value(why.c_str(), a), a);
+        failed.PushBack(f, a);
+    }
+    d.AddMember("stopped", stopped, a);
+    d.AddMember("failed", failed, a);
+    d.AddMember("event_seq", result.seq, a);
+    co_return json_response(200, json::to_string(d));
 }
 
 //---- streams and waits ------------------------------------------------------------------------

@@ -113,6 +113,7 @@ private:
     awaitable<Response> put_spec(std::string name, Request req);
     awaitable<Response> qmp(std::string name, Request req);
     awaitable<Response> action(Route route, std::string name, Request req);
+    awaitable<Response> stop_all(Request req);
     Response events(const Query& query, const Request& req);
     awaitable<Response> events_wait(std::string name, Request req);
     awaitable<Response> console_wait(std::string name, Request req);

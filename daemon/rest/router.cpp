@@ -34,6 +34,7 @@ constexpr std::array route_table{
               "machine.console.wait"},
     RouteInfo{Route::events_wait, "POST", "/v1/machines/{name}/events/wait", "machine.events.wait"},
     RouteInfo{Route::events, "GET", "/v1/events", "events"},
+    RouteInfo{Route::stop_all, "POST", "/v1/stop-all", "stop-all"},
 };
 
 // Splits "/a/b/c" into {"a", "b", "c"}; "/" into {""}.

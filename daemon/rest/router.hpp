@@ -37,6 +37,7 @@ enum class Route {
     console_wait,
     events_wait,
     events,
+    stop_all,
 };
 
 struct RouteInfo

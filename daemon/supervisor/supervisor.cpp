@@ -1073,7 +1073,7 @@ awaitable<void> Supervisor::cleanup_after_exit(std::shared_ptr<Entry> e)
 void Supervisor::apply_restart_policy(std::shared_ptr<Entry> e)
 {
     const RestartSpec& policy = e->def.spec.restart;
-    if (policy.policy == RestartPolicy::no || shutting_down_ || has_process(e->state)) {
+    if (policy.policy == RestartPolicy::no || restarts_suspended() || has_process(e->state)) {
         return;
     }
     // on-failure: a crash (signal, non-zero exit, death without SHUTDOWN) or a failed start;
@@ -1139,7 +1139,7 @@ awaitable<void> Supervisor::auto_restart(std::shared_ptr<Entry> e, std::uint64_t
     auto timer = e->restart_timer;
     error_code ec;
     co_await timer->async_wait(use_ec(ec));
-    if (token != e->restart_token || shutting_down_ || !machines_.contains(e->def.name) ||
+    if (token != e->restart_token || restarts_suspended() || !machines_.contains(e->def.name) ||
         machines_.at(e->def.name) != e) {
         co_return; // cancelled by an operation, the machine deleted, or the daemon stopping
     }
@@ -1974,7 +1974,7 @@ awaitable<expected<Event>> Supervisor::wait_event(std::string name, EventSelecto
 
 //---- daemon shutdown ----------------------------------------------------------------------------
 
-awaitable<void> Supervisor::stop_for_shutdown(std::shared_ptr<Entry> e)
+awaitable<std::string> Supervisor::stop_for_shutdown(std::shared_ptr<Entry> e)
 {
     co_await wait_job(e);
     if (has_process(e->state)) {
@@ -1983,13 +1983,18 @@ awaitable<void> Supervisor::stop_for_shutdown(std::shared_ptr<Entry> e)
         end_job(*e);
         if (!r) {
             spdlog::error("Failed to stop '{}': {}", e->def.name, r.error().message);
+            co_return r.error().message;
         }
     }
+    co_return std::string();
 }
 
-awaitable<void> Supervisor::shutdown()
+awaitable<StopAllResult> Supervisor::stop_all(std::size_t concurrency)
 {
-    shutting_down_ = true;
+    if (concurrency == 0) {
+        concurrency = std::max<std::size_t>(1, options_.stop_concurrency);
+    }
+    ++stopping_all_;
     for (auto& [name, e] : machines_) {
         cancel_restart(*e);
     }
@@ -1999,26 +2004,51 @@ awaitable<void> Supervisor::shutdown()
             todo.push_back(e);
         }
     }
-    spdlog::info("Stopping {} machine(s) before exit", todo.size());
+    spdlog::info("Stopping {} machine(s), {} at a time", todo.size(), concurrency);
+    const auto started = std::chrono::steady_clock::now();
+    StopAllResult result;
     auto ex = co_await asio::this_coro::executor;
     std::size_t running = 0;
     std::size_t next = 0;
     asio::steady_timer wake(ex);
     while (next < todo.size() || running > 0) {
-        while (next < todo.size() && running < std::max<std::size_t>(1, options_.stop_concurrency)) {
+        while (next < todo.size() && running < concurrency) {
             ++running;
-            asio::co_spawn(ex, stop_for_shutdown(todo[next++]), [&](const std::exception_ptr& ex_ptr) {
-                if (ex_ptr) {
-                    spdlog::error("Stopping a machine failed: {}", describe_exception(ex_ptr));
-                }
-                --running;
-                wake.cancel();
-            });
+            auto e = todo[next++];
+            asio::co_spawn(ex, stop_for_shutdown(e),
+                           [&, name = e->def.name](const std::exception_ptr& ex_ptr,
+                                                   std::string error) {
+                               if (ex_ptr) {
+                                   error = describe_exception(ex_ptr);
+                                   spdlog::error("Stopping '{}' failed: {}", name, error);
+                               }
+                               if (error.empty()) {
+                                   result.stopped.push_back(name);
+                               } else {
+                                   result.failed.emplace_back(name, std::move(error));
+                               }
+                               --running;
+                               wake.cancel();
+                           });
         }
         wake.expires_at(asio::steady_timer::time_point::max());
         error_code ec;
         co_await wake.async_wait(use_ec(ec));
     }
+    --stopping_all_;
+    result.seq = events_.last_seq();
+    spdlog::info("Stopped {} machine(s), {} failed, in {} ms", result.stopped.size(),
+                 result.failed.size(),
+                 std::chrono::duration_cast<std::chrono::milliseconds>(
+                     std::chrono::steady_clock::now() - started)
+                     .count());
+    co_return result;
+}
+
+awaitable<void> Supervisor::shutdown()
+{
+    shutting_down_ = true;
+    co_await stop_all(options_.stop_concurrency);
 }
 
 } // namespace qm::daemon

@@ -104,6 +104,14 @@ struct StopOptions
     std::optional<std::chrono::milliseconds> timeout{};
 };
 
+// What stop_all() did, by machine name.
+struct StopAllResult
+{
+    std::vector<std::string> stopped;
+    std::vector<std::pair<std::string, std::string>> failed; // name, why
+    std::uint64_t seq = 0; // every event the stops caused has seq <= this one
+};
+
 struct SupervisorOptions
 {
     std::string state_dir;
@@ -221,15 +229,21 @@ public:
     Registry& metrics() noexcept { return metrics_; }
     const SupervisorOptions& options() const noexcept { return options_; }
 
-    // The daemon is going down: new operations fail with shutting_down; every machine with a
-    // process is stopped gracefully (at most stop_concurrency at once, each with its own mode and
-    // timeout). Completes when all have stopped.
+    // Every machine with a process (or an operation in progress) stopped gracefully, at most
+    // `concurrency` at once (0: stop_concurrency), each with its own spec's mode and timeout (a
+    // guest that ignores the power button is killed past its timeout); the host shutdown's
+    // qmachined-guests.service asks for it. Restart policies and pending restarts are off while it
+    // runs. Completes when every one has stopped (or failed to).
+    awaitable<StopAllResult> stop_all(std::size_t concurrency);
+    // The daemon is going down: new operations fail with shutting_down; then stop_all().
     awaitable<void> shutdown();
     // The daemon is going down and leaves the machines running (shutdown-policy leave-running):
     // new operations fail with shutting_down, every QEMU is let go (connections closed, records,
     // sockets and logs kept) for the next start's reattach(). Operations in progress are dropped.
     void detach_all();
     bool shutting_down() const noexcept { return shutting_down_; }
+    // Restart policies are off: the daemon shuts down, or stop_all() runs.
+    bool restarts_suspended() const noexcept { return shutting_down_ || stopping_all_ > 0; }
 
 private:
     struct Entry;
@@ -273,7 +287,8 @@ private:
     awaitable<expected<void>> do_stop(std::shared_ptr<Entry> e, StopOptions options);
     awaitable<void> cleanup_after_exit(std::shared_ptr<Entry> e);
     awaitable<void> probe(std::shared_ptr<Entry> e);
-    awaitable<void> stop_for_shutdown(std::shared_ptr<Entry> e);
+    // One machine of stop_all(): its error message, empty when it stopped.
+    awaitable<std::string> stop_for_shutdown(std::shared_ptr<Entry> e);
     // co_spawn on the loop; an exception is logged with `what` ("Failed to <what>: ...").
     void spawn(awaitable<void> task, const char* what);
     void begin_job(Entry& e, Job job);
@@ -293,6 +308,7 @@ private:
     Store store_;
     std::map<std::string, std::shared_ptr<Entry>, std::less<>> machines_;
     bool shutting_down_ = false;
+    int stopping_all_ = 0; // stop_all() calls running
     std::size_t jobs_running_ = 0; // machines with an operation in progress
     std::size_t jobs_peak_ = 0;    // the most at once since the last malloc_trim
     asio::steady_timer log_timer_;

@@ -336,6 +336,23 @@ TEST_F(CliTest, LifecycleWithJson)
     json::Document killed = ctl_json({"kill", "b"});
     EXPECT_EQ(s(*json::find(killed, "stop_reason"), "kind"), "host-kill");
 
+    // stop --all: every machine with a process, each by its spec (a and d quit at once).
+    ASSERT_EQ(ctl({"start", "d"}).status, 0);
+    const auto all = ctl({"stop", "--all", "--concurrency", "2"});
+    EXPECT_EQ(all.status, 0) << all;
+    EXPECT_EQ(all.out, "Stopped 2 machines.\n") << all;
+    EXPECT_EQ(s(ctl_json({"show", "a"}), "state"), "stopped");
+    EXPECT_EQ(s(ctl_json({"show", "d"}), "state"), "stopped");
+    json::Document none = ctl_json({"stop", "--all"});
+    EXPECT_EQ(json::find(none, "stopped")->Size(), 0u);
+    for (const auto& bad : std::vector<std::vector<std::string>>{
+             {"stop", "--all", "a"}, {"stop", "--all", "--mode", "quit"}, {"stop"},
+             {"stop", "a", "--concurrency", "2"}, {"stop", "--all", "--concurrency", "0"}}) {
+        const auto r = ctl(bad);
+        EXPECT_EQ(r.status, 2) << testing::PrintToString(bad) << r;
+    }
+    ASSERT_EQ(ctl({"start", "a"}).status, 0);
+
     // A running machine is not deleted without --force.
     const auto refused = ctl({"delete", "a"});
     EXPECT_EQ(refused.status, 1) << refused;

@@ -806,6 +806,20 @@ def run_requests(contract, s):
     s.send('timeout_s not an integer', 'POST', '/v1/machines/c1/stop', 400, {'timeout_s': 1.5},
            check=problem_is('InvalidArgument', 'timeout_s'))
 
+    # Stop every machine (the host's shutdown).
+    s.send('start again', 'POST', '/v1/machines/c1/start', 200, check=machine_is('running'))
+    s.send('stop-all', 'POST', '/v1/stop-all', 200, {'concurrency': 4},
+           check=lambda r, v: [] if r.json() == {'stopped': ['c1'], 'failed': [],
+                                                 'event_seq': r.json()['event_seq']}
+           else [f'body {r.json()}'])
+    s.send('stopped by stop-all', 'GET', '/v1/machines/c1', 200, check=machine_is('stopped'))
+    s.send('stop-all with nothing running', 'POST', '/v1/stop-all', 200,
+           check=lambda r, v: [] if r.json()['stopped'] == [] else [f'body {r.json()}'])
+    s.send('concurrency 0', 'POST', '/v1/stop-all', 400, {'concurrency': 0},
+           check=problem_is('InvalidArgument', 'concurrency'))
+    s.send('unknown option', 'POST', '/v1/stop-all', 400, {'mode': 'quit'},
+           check=problem_is('InvalidArgument', 'mode'))
+
     # Logs.
     s.send('QEMU output', 'GET', '/v1/machines/c1/log', 200)
     s.send('last 5 lines', 'GET', '/v1/machines/c1/log?tail=5', 200,

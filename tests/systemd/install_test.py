@@ -96,6 +96,7 @@ def main():
             f"{bindir}/qmachinectl": 0o755,
             f"{libsystemd}/system/qmachined.service": 0o644,
             f"{libsystemd}/system/qmachined.socket": 0o644,
+            f"{libsystemd}/system/qmachined-guests.service": 0o644,
             f"{libsystemd}/user/qmachined.service": 0o644,
             f"{libsystemd}/user/qmachined.socket": 0o644,
             f"{libsystemd}/system-generators/qmachined-generator": 0o755,
@@ -123,7 +124,7 @@ def main():
         check(not wrong_modes, "the installed files have their modes", str(wrong_modes))
 
         # 2. systemd-analyze verify on a root: the DESTDIR, the host's targets and slices (the
-        # units' dependencies) and /bin/kill (ExecReload=).
+        # units' dependencies), /bin/kill and /bin/true (commands the units run).
         root = dest
         host_units = os.path.join(root, "usr/lib/systemd/system")
         os.makedirs(host_units, exist_ok=True)
@@ -134,8 +135,10 @@ def main():
             if os.path.exists(path) and not os.path.exists(target):
                 shutil.copy(path, target)
         os.makedirs(os.path.join(root, "bin"), exist_ok=True)
-        shutil.copy(shutil.which("kill") or "/bin/kill", os.path.join(root, "bin/kill"))
-        units = [f"{libsystemd}/system/qmachined.service", f"{libsystemd}/system/qmachined.socket"]
+        for tool in ["kill", "true"]:  # ExecReload=, ExecStart= of qmachined-guests.service
+            shutil.copy(shutil.which(tool) or f"/bin/{tool}", os.path.join(root, "bin", tool))
+        units = [f"{libsystemd}/system/qmachined.service", f"{libsystemd}/system/qmachined.socket",
+                 f"{libsystemd}/system/qmachined-guests.service"]
 
         def verify():
             return run(["systemd-analyze", "verify", "--man=no", f"--root={root}"] + units,
@@ -143,7 +146,7 @@ def main():
 
         r = verify()
         check(r.returncode == 0 and r.stdout.strip() == "" and r.stderr.strip() == "",
-              "systemd-analyze verify accepts qmachined.service and qmachined.socket",
+              "systemd-analyze verify accepts qmachined.service, .socket and -guests.service",
               r.stdout + r.stderr)
         binary = root + f"{sbindir}/qmachined"
         os.rename(binary, binary + ".away")
@@ -152,6 +155,15 @@ def main():
               "systemd-analyze verify refuses the unit without the installed qmachined",
               r.stdout + r.stderr)
         os.rename(binary + ".away", binary)
+
+        guests = unit_settings(root + f"{libsystemd}/system/qmachined-guests.service")
+        after = " ".join(guests.get(("Unit", "After"), []))
+        check(guests.get(("Service", "ExecStop")) ==
+              [f"{bindir}/qmachinectl stop --all --concurrency 16"] and
+              "qmachined.service" in after.split() and
+              guests.get(("Service", "RemainAfterExit")) == ["yes"],
+              "qmachined-guests.service: after qmachined (stopped before it), stop --all",
+              str(guests))
 
         # The user units: systemd 252 has no --root for --user, so they are verified in a copy
         # whose ExecStart= names the DESTDIR's qmachined (the only change).
