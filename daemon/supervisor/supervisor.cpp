@@ -118,8 +118,8 @@ void stop_reason_to_json(const StopReason& r, json::Value& out, json::Document::
 {
     out.SetObject();
     out.AddMember("kind", json::Value(to_string(r.kind), a), a);
-    if (r.kind == StopReason::Kind::signal) {
-        out.AddMember("signal", r.signal, a);
+    if (r.kind == StopReason::Kind::signal && r.signal != 0) {
+        out.AddMember("signal", r.signal, a); // 0: unknown (QEMU's SHUTDOWN names none)
     }
     if (r.exit_code) {
         out.AddMember("exit_code", *r.exit_code, a);
@@ -988,6 +988,10 @@ StopReason Supervisor::reason_from_exit(const Entry& e) const
             r.kind = StopReason::Kind::guest_poweroff;
         } else if (e.saw_shutdown && e.shutdown_reason == "host-qmp-quit") {
             r.kind = StopReason::Kind::host_quit;
+        } else if (e.saw_shutdown && e.shutdown_reason == "host-signal") {
+            r.kind = StopReason::Kind::signal; // which one QEMU does not say
+            r.detail = "QEMU exited after a termination signal (SHUTDOWN reason host-signal; exit "
+                       "status unknown: the process was re-attached)";
         } else if (e.saw_shutdown) {
             r.kind = StopReason::Kind::unknown;
             r.detail = "SHUTDOWN reason " + e.shutdown_reason + "; exit status unknown";

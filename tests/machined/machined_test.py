@@ -1,0 +1,268 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Machines as systemd machines, and the host's shutdown, under a real systemd (TAP).
+
+  machined_test.py BUILD_DIR
+
+The installed units in a systemd that is PID 1 of a private namespace (tests/systemd/pid1ns.py),
+with systemd-machined (package systemd-container):
+
+- each started machine is registered: `machinectl list` shows it (class vm, service qmachined,
+  QEMU the leader), its QEMU is in machine-NAME.scope; a name machined refuses ("odd_name") runs
+  unregistered;
+- the scopes keep the machines through a restart of qmachined even under KillMode=mixed (an
+  unregistered machine, in the service's cgroup, does not survive that: why the unit keeps
+  KillMode=process);
+- `machinectl terminate NAME` stops that machine only, and qmachined reports it;
+- the host's shutdown: `systemctl stop qmachined-guests.service` (what systemd does at shutdown,
+  ordered before qmachined and before the scopes) stops every guest gracefully (ACPI power
+  button: reason guest-poweroff), in parallel (every machine is `stopping` before the first is
+  `stopped`);
+- after a "reboot" (a new namespace, the state directory kept) the machines with autostart come
+  back and the others do not.
+
+Skips (the one suite allowed to) where no systemd-machined can run, saying why.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "systemd"))
+from pid1ns import Namespace, meson_options, run, wait_until  # noqa: E402
+
+build_dir = sys.argv[1]
+results = []
+
+
+def check(ok, what, detail=""):
+    results.append((bool(ok), what, detail))
+    print(f"# {'ok' if ok else 'FAILED'}: {what}", flush=True)
+    return ok
+
+
+def skip(why):
+    print(f"1..0 # SKIP {why}")
+    sys.exit(0)  # TAP: the plan says it skipped
+
+
+def guest_spec(guest, autostart):
+    return {"machine": "pc,accel=tcg", "memory_mib": 128, "autostart": autostart, "args": [
+        "-nodefaults", "-no-user-config", "-no-reboot", "-kernel", guest + "/vmlinuz",
+        "-initrd", guest + "/initramfs.cpio.gz", "-append", "console=ttyS0 quiet panic=-1"],
+        "shutdown": {"mode": "powerdown", "timeout_s": 60}}
+
+
+def boot(work, dest, prefix, state, name):
+    ns_work = os.path.join(work, name)
+    os.makedirs(ns_work)
+    ns = Namespace(ns_work, dest, prefix, persist={"/var/lib/qmachined": state})
+    if not ns.find_pid1():
+        return ns, "systemd did not start as PID 1 of a namespace: " + \
+            open(os.path.join(ns_work, "console.log")).read()[-500:]
+    if not wait_until(lambda: ns.systemctl("is-system-running").stdout.strip()
+                      in ("running", "degraded"), 60):
+        return ns, "the manager did not reach basic.target"
+    ns.run("systemd-sysusers")
+    ns.systemctl("start", "dbus.socket", "dbus.service")
+    r = ns.systemctl("enable", "--now", "qmachined.socket")
+    r2 = ns.systemctl("enable", "qmachined.service", "qmachined-guests.service")
+    r3 = ns.systemctl("start", "systemd-machined.service", "qmachined-guests.service")
+    if r.returncode or r2.returncode or r3.returncode:
+        return ns, r.stderr + r2.stderr + r3.stderr
+    return ns, None
+
+
+def machine(ns, name):
+    code, doc, text = ns.curl("GET", f"/v1/machines/{name}")
+    return doc if code == 200 else {"state": f"HTTP {code}: {text}"}
+
+
+def registered(ns):
+    r = ns.run("machinectl", "list", "--no-legend", "--no-pager")
+    return sorted(line.split()[0] for line in r.stdout.splitlines() if line.strip())
+
+
+def main():
+    if os.geteuid() != 0:
+        skip("needs root (a PID namespace with systemd in it)")
+    if not os.path.exists("/lib/systemd/systemd-machined"):
+        skip("no systemd-machined (package systemd-container)")
+    if not shutil.which("unshare") or not os.path.exists("/lib/systemd/systemd"):
+        skip("no unshare or systemd to boot in a namespace")
+    opts = meson_options(build_dir)
+    prefix = opts["prefix"]
+    if prefix in ("/", "/usr"):
+        skip(f"the build's prefix {prefix} cannot be bound over the host's")
+    guest = os.environ.get("QM_GUEST_DIR") or run(
+        [os.path.join(os.path.dirname(__file__), "../../scripts/guest-image")],
+        timeout=600).stdout.strip().splitlines()[-1]
+    work = tempfile.mkdtemp(prefix="machined-test.", dir=os.path.abspath(build_dir))
+    ns = None
+    try:
+        dest = os.path.join(work, "dest")
+        r = run(["meson", "install", "-C", build_dir, "--no-rebuild", "--quiet", "--destdir",
+                 dest])
+        if not check(r.returncode == 0, "meson install --destdir", r.stdout + r.stderr):
+            return
+        state = os.path.join(work, "state")
+        os.makedirs(state, mode=0o700)
+
+        ns, problem = boot(work, dest, prefix, state, "boot1")
+        if problem is not None:
+            skip(f"no systemd-machined could run here: {problem.strip()[:300]}")
+        qemu = QemuOf(ns)
+
+        # Machines: two guests (web1 autostarts), one whose name machined refuses.
+        ns.curl("POST", "/v1/machines", {"name": "web1", "spec": guest_spec(guest, True)})
+        ns.curl("POST", "/v1/machines", {"name": "db1", "spec": guest_spec(guest, False)})
+        quick = {"binary": "qemu-system-x86_64", "machine": "none",
+                 "shutdown": {"mode": "quit", "timeout_s": 10}}
+        ns.curl("POST", "/v1/machines", {"name": "odd_name", "spec": quick})
+        pids = {}
+        for name in ["web1", "db1", "odd_name"]:
+            code, doc, text = ns.curl("POST", f"/v1/machines/{name}/start")
+            check(code == 200, f"start {name}", text)
+            pids[name] = doc.get("pid") if doc else None
+        got = wait_until(lambda: registered(ns) == ["db1", "web1"], 15)
+        check(got, "machinectl list: web1 and db1, registered; odd_name is not",
+              str(registered(ns)) + ns.run("journalctl", "-u", "qmachined", "--no-pager")
+              .stdout[-1500:])
+        r = ns.run("machinectl", "show", "web1", "-p", "Leader", "-p", "Class", "-p", "Service",
+                   "-p", "Unit")
+        props = dict(l.split("=", 1) for l in r.stdout.splitlines() if "=" in l)
+        check(props.get("Leader") == str(pids["web1"]) and props.get("Class") == "vm" and
+              props.get("Service") == "qmachined" and props.get("Unit") == "machine-web1.scope",
+              "machinectl show web1: leader the QEMU, class vm, service qmachined, its scope",
+              r.stdout + r.stderr)
+        cgroup = qemu.cgroup(pids["web1"])
+        check("/machine.slice/machine-web1.scope" in cgroup,
+              "web1's QEMU runs in machine.slice/machine-web1.scope", cgroup)
+        check("/system.slice/qmachined.service" in qemu.cgroup(pids["odd_name"]),
+              "odd_name's QEMU stays in qmachined.service's cgroup",
+              qemu.cgroup(pids["odd_name"]))
+
+        # A restart under KillMode=mixed: the scopes keep their machines.
+        ns.run("mkdir", "-p", "/run/systemd/system/qmachined.service.d")
+        ns.run("sh", "-c", "printf '[Service]\\nKillMode=mixed\\n' > "
+                           "/run/systemd/system/qmachined.service.d/90-mixed.conf")
+        ns.systemctl("daemon-reload")
+        r = ns.systemctl("restart", "qmachined.service")
+        for name in ["web1", "db1"]:
+            m = machine(ns, name)
+            check(m.get("state") == "running" and m.get("pid") == pids[name],
+                  f"KillMode=mixed restart: {name} kept in its scope, re-attached", str(m))
+        m = machine(ns, "odd_name")
+        check(m.get("state") != "running" and not qemu.alive(pids["odd_name"]),
+              "KillMode=mixed restart: the unregistered odd_name is killed with the service "
+              "(why the unit keeps KillMode=process)", str(m))
+        ns.run("rm", "/run/systemd/system/qmachined.service.d/90-mixed.conf")
+        ns.systemctl("daemon-reload")
+        ns.systemctl("restart", "qmachined.service")
+        check(registered(ns) == ["db1", "web1"], "still registered after the restarts",
+              str(registered(ns)))
+
+        # machinectl terminate: that machine only.
+        r = ns.run("machinectl", "terminate", "db1")
+        stopped = wait_until(lambda: machine(ns, "db1").get("state") in ("stopped", "crashed"), 30)
+        m = machine(ns, "db1")
+        reason = m.get("stop_reason") or {}
+        check(r.returncode == 0 and stopped and reason.get("kind") == "signal" and
+              "host-signal" in reason.get("detail", "") and
+              machine(ns, "web1").get("state") == "running",
+              "machinectl terminate db1: db1 stopped (reason signal, host-signal), web1 runs on",
+              r.stderr + json.dumps(m))
+        check(wait_until(lambda: registered(ns) == ["web1"], 10),
+              "machined forgot db1 once its scope was empty", str(registered(ns)))
+
+        # The host's shutdown: both guests up, then what systemd does at shutdown.
+        code, _, text = ns.curl("POST", "/v1/machines/db1/start")
+        check(code == 200, "start db1 again", text)
+        for name in ["web1", "db1"]:
+            code, doc, text = ns.curl("POST", f"/v1/machines/{name}/console/wait",
+                                      {"pattern": "qmtest: ready", "timeout_s": 120},
+                                      timeout=130)
+            check(code == 200 and doc and not doc.get("timed_out"), f"{name}'s guest is up", text)
+        code, doc, _ = ns.curl("GET", "/v1/health")
+        since = None
+        code, doc, text = ns.curl("POST", "/v1/machines/web1/events/wait",
+                                  {"event": "NO_SUCH_EVENT", "timeout_s": 0.01})
+        since = doc.get("event_seq") if doc else None
+        start = time.monotonic()
+        r = ns.systemctl("stop", "qmachined-guests.service", timeout=300)
+        elapsed = time.monotonic() - start
+        reasons = {n: (machine(ns, n).get("stop_reason") or {}).get("kind") for n in
+                   ["web1", "db1"]}
+        check(r.returncode == 0 and reasons == {"web1": "guest-poweroff", "db1": "guest-poweroff"},
+              f"systemctl stop qmachined-guests: every guest powered off ({elapsed:.1f} s)",
+              r.stderr + str(reasons))
+        print(f"# host shutdown: 2 guests stopped gracefully in {elapsed:.2f} s")
+        # In parallel: both were `stopping` before the first was `stopped`.
+        r = ns.run("curl", "-sN", "-m", "1", "--unix-socket", "/run/qmachined/qmachined.sock",
+                   f"http://qmachined/v1/events?since={since or 0}&event=STATE_CHANGED")
+        order = []
+        for line in r.stdout.splitlines():
+            if line.startswith("data: "):
+                e = json.loads(line[6:])
+                order.append((e["machine"], e["data"]["state"]))
+        stopping = [i for i, (_, s) in enumerate(order) if s == "stopping"]
+        stopped_at = [i for i, (_, s) in enumerate(order) if s == "stopped"]
+        check(len(stopping) == 2 and len(stopped_at) == 2 and max(stopping) < min(stopped_at),
+              "the guests were stopped in parallel (both stopping before the first stopped)",
+              str(order))
+        ns.close()
+        ns = None
+
+        # The next boot: the same state directory, a fresh runtime directory.
+        ns, problem = boot(work, dest, prefix, state, "boot2")
+        if not check(problem is None, "a second boot", problem or ""):
+            return
+        code, _, _ = ns.curl("GET", "/v1/health")  # the socket starts qmachined
+        came_back = wait_until(lambda: machine(ns, "web1").get("state") == "running", 30)
+        check(came_back and machine(ns, "db1").get("state") in ("defined", "stopped"),
+              "after boot: web1 (autostart) runs again, db1 does not",
+              json.dumps(machine(ns, "web1")) + json.dumps(machine(ns, "db1")))
+        check(wait_until(lambda: registered(ns) == ["web1"], 15),
+              "after boot: web1 registered with machined", str(registered(ns)))
+        ns.curl("POST", "/v1/machines/web1/kill")
+    finally:
+        if ns:
+            ns.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class QemuOf:
+    """What the host's /proc says about a process inside the namespace (pids are the
+    namespace's: translated through NSpid)."""
+
+    def __init__(self, ns):
+        self.ns = ns
+
+    def cgroup(self, pid):
+        r = self.ns.run("cat", f"/proc/{pid}/cgroup")
+        return r.stdout
+
+    def alive(self, pid):
+        r = self.ns.run("sh", "-c", f"test -d /proc/{pid} && ! grep -q '^State:.*Z' "
+                                    f"/proc/{pid}/status")
+        return r.returncode == 0
+
+
+try:
+    main()
+except SystemExit:
+    raise
+except Exception:
+    import traceback
+    check(False, "the test ran to the end", traceback.format_exc())
+
+print(f"1..{len(results)}")
+for i, (ok, what, detail) in enumerate(results, 1):
+    print(f"{'ok' if ok else 'not ok'} {i} - {what}")
+    if not ok and detail:
+        for line in str(detail).splitlines()[-40:]:
+            print(f"#   {line}")
+sys.exit(0 if all(ok for ok, _, _ in results) else 1)
