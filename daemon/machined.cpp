@@ -63,7 +63,9 @@ bool means_absent(std::string_view name)
            name == "org.freedesktop.DBus.Error.NameHasNoOwner" ||
            name == "org.freedesktop.DBus.Error.AccessDenied" ||
            name == "org.freedesktop.systemd1.NoSuchUnit" ||
-           name == "org.freedesktop.DBus.Error.UnknownMethod";
+           name == "org.freedesktop.systemd1.UnitMasked" ||
+           name == "org.freedesktop.DBus.Error.UnknownMethod" ||
+           name.starts_with("org.freedesktop.DBus.Error.Spawn."); // activation failed
 }
 
 } // namespace

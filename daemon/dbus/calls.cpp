@@ -137,6 +137,43 @@ awaitable<expected<BodyWriter>> delete_call(Service* s, std::string caller, std:
     co_return BodyWriter{};
 }
 
+awaitable<expected<BodyWriter>> stop_all_call(Service* s, std::string caller,
+                                              std::uint32_t concurrency)
+{
+    if (concurrency > 256) {
+        Error e;
+        e.code = make_error_code(errc::invalid_argument);
+        e.message = "concurrency must be 0 to 256";
+        audit(caller, "stop-all", "", &e);
+        co_return fail(std::move(e));
+    }
+    if (s->supervisor().shutting_down()) {
+        co_return fail(errc::shutting_down, "qmachined is shutting down");
+    }
+    auto result = co_await s->supervisor().stop_all(concurrency);
+    audit(caller, "stop-all", "", nullptr);
+    co_return BodyWriter{[result = std::move(result)](sd_bus_message* reply) {
+        int r = sd_bus_message_open_container(reply, 'a', "s");
+        for (std::size_t i = 0; r >= 0 && i < result.stopped.size(); ++i) {
+            r = sd_bus_message_append(reply, "s", result.stopped[i].c_str());
+        }
+        if (r >= 0) {
+            r = sd_bus_message_close_container(reply);
+        }
+        if (r >= 0) {
+            r = sd_bus_message_open_container(reply, 'a', "(ss)");
+        }
+        for (std::size_t i = 0; r >= 0 && i < result.failed.size(); ++i) {
+            r = sd_bus_message_append(reply, "(ss)", result.failed[i].first.c_str(),
+                                      result.failed[i].second.c_str());
+        }
+        if (r >= 0) {
+            r = sd_bus_message_close_container(reply);
+        }
+        return r;
+    }};
+}
+
 awaitable<expected<BodyWriter>> execute_call(Service* s, std::string caller, std::string name,
                                              std::string command, std::string arguments_json)
 {

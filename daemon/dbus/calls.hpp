@@ -28,6 +28,9 @@ awaitable<expected<Service::BodyWriter>> action_call(Service* s, std::string cal
                                                      Action action, daemon::StopOptions stop);
 awaitable<expected<Service::BodyWriter>> delete_call(Service* s, std::string caller, std::string name,
                                                      bool force);
+// Supervisor::stop_all; the reply is (as stopped, a(ss) failed).
+awaitable<expected<Service::BodyWriter>> stop_all_call(Service* s, std::string caller,
+                                                       std::uint32_t concurrency);
 // QMP passthrough: the reply is QEMU's `return` as JSON.
 awaitable<expected<Service::BodyWriter>> execute_call(Service* s, std::string caller, std::string name,
                                                       std::string command, std::string arguments_json);

@@ -132,6 +132,20 @@ int method_delete(sd_bus_message* m, void* userdata, sd_bus_error* error)
     return s.reply_later(m, delete_call(&s, s.caller(m), name, force != 0));
 }
 
+int method_stop_all(sd_bus_message* m, void* userdata, sd_bus_error* error)
+{
+    Service& s = service_of(userdata);
+    std::uint32_t concurrency = 0;
+    int r = sd_bus_message_read(m, "u", &concurrency);
+    if (r < 0) {
+        return r;
+    }
+    if (r = s.authorize(m, error, "stop-all"); r < 0) {
+        return r;
+    }
+    return s.reply_later(m, stop_all_call(&s, s.caller(m), concurrency));
+}
+
 const sd_bus_vtable vtable[] = {
     SD_BUS_VTABLE_START(0),
     SD_BUS_PROPERTY("EventSeq", "t", property_event_seq, 0, 0),
@@ -150,6 +164,9 @@ const sd_bus_vtable vtable[] = {
                              method_action<Action::kill>, SD_BUS_VTABLE_UNPRIVILEGED),
     SD_BUS_METHOD_WITH_NAMES("DeleteMachine", "sb", SD_BUS_PARAM(name) SD_BUS_PARAM(force), "", ,
                              method_delete, SD_BUS_VTABLE_UNPRIVILEGED),
+    SD_BUS_METHOD_WITH_NAMES("StopAll", "u", SD_BUS_PARAM(concurrency), "asa(ss)",
+                             SD_BUS_PARAM(stopped) SD_BUS_PARAM(failed), method_stop_all,
+                             SD_BUS_VTABLE_UNPRIVILEGED),
     SD_BUS_SIGNAL_WITH_NAMES("MachineNew", "so", SD_BUS_PARAM(name) SD_BUS_PARAM(machine), 0),
     SD_BUS_SIGNAL_WITH_NAMES("MachineRemoved", "so", SD_BUS_PARAM(name) SD_BUS_PARAM(machine), 0),
     SD_BUS_VTABLE_END,

@@ -151,12 +151,17 @@ int Service::authorize(sd_bus_message* m, sd_bus_error* error, std::string_view 
     if (it == peers_.end() || key.empty()) {
         // One round trip to the bus daemon per client connection (GetConnectionCredentials),
         // then the verdict is remembered: unique names are never reused on a bus.
+        // The call waits in ppoll(), which a signal (SIGCHLD when a QEMU exits) interrupts:
+        // sd-bus then gives up with -EINTR; ask again.
         sd_bus_creds* creds = nullptr;
-        const int r = sd_bus_query_sender_creds(
-            m,
-            SD_BUS_CREDS_UID | SD_BUS_CREDS_EUID | SD_BUS_CREDS_GID |
-                SD_BUS_CREDS_SUPPLEMENTARY_GIDS | SD_BUS_CREDS_PID | SD_BUS_CREDS_AUGMENT,
-            &creds);
+        int r = -EINTR;
+        for (int attempt = 0; attempt < 5 && r == -EINTR; ++attempt) {
+            r = sd_bus_query_sender_creds(m,
+                                          SD_BUS_CREDS_UID | SD_BUS_CREDS_EUID | SD_BUS_CREDS_GID |
+                                              SD_BUS_CREDS_SUPPLEMENTARY_GIDS | SD_BUS_CREDS_PID |
+                                              SD_BUS_CREDS_AUGMENT,
+                                          &creds);
+        }
         if (r < 0) {
             return sd_bus_error_set_errnof(error, -r, "cannot read the caller's credentials: %s",
                                            std::strerror(-r));

@@ -198,6 +198,14 @@ TEST_F(DbusLifecycleTest, TheWholeLifecycleThroughBusctl)
     EXPECT_EQ(ok({"call", "org.qmachined1", manager, manager_iface, "ListMachines"}),
               "a(sso) 1 \"web-1\" \"stopped\" \"/org/qmachined1/machine/web_2d1\"\n");
     ok({"call", "org.qmachined1", path, machine_iface, "Restart"});
+    // StopAll: every machine with a process, by its spec (quit); nothing left to stop after.
+    EXPECT_EQ(ok({"call", "org.qmachined1", manager, manager_iface, "StopAll", "u", "4"}),
+              "asa(ss) 1 \"web-1\" 0\n");
+    EXPECT_EQ(ok({"get-property", "org.qmachined1", path, machine_iface, "State"}),
+              "s \"stopped\"\n");
+    EXPECT_EQ(ok({"call", "org.qmachined1", manager, manager_iface, "StopAll", "u", "0"}),
+              "asa(ss) 0 0\n");
+    ok({"call", "org.qmachined1", path, machine_iface, "Start"});
     ok({"call", "org.qmachined1", path, machine_iface, "Kill"});
     EXPECT_EQ(ok({"get-property", "org.qmachined1", path, machine_iface, "StopReason"}),
               "s \"host-kill\"\n");
@@ -383,6 +391,7 @@ TEST_F(DbusLifecycleTest, EveryErrorNameAClientCanMeet)
     const std::string m = "org.qmachined1.Manager.";
     const std::string x = "org.qmachined1.Machine.";
     expect_error(manager, m + "GetMachine", {"string:nope"}, "org.qmachined1.Error.NoSuchMachine");
+    expect_error(manager, m + "StopAll", {"uint32:257"}, "org.qmachined1.Error.InvalidArgument");
     expect_error(manager, m + "CreateMachine", {"string:e", "string:"}, "org.qmachined1.Error.Exists");
     expect_error(manager, m + "CreateMachine", {"string:a/b", "string:"},
                  "org.qmachined1.Error.InvalidArgument");

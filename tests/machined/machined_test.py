@@ -57,12 +57,10 @@ def guest_spec(guest, autostart):
 
 
 def boot(work, dest, prefix, state, name):
-    ns_work = os.path.join(work, name)
-    os.makedirs(ns_work)
-    ns = Namespace(ns_work, dest, prefix, persist={"/var/lib/qmachined": state})
+    ns = Namespace(work, dest, prefix, persist={"/var/lib/qmachined": state})
     if not ns.find_pid1():
-        return ns, "systemd did not start as PID 1 of a namespace: " + \
-            open(os.path.join(ns_work, "console.log")).read()[-500:]
+        return ns, f"systemd did not start as PID 1 of a namespace ({name}): " + \
+            open(os.path.join(work, "console.log")).read()[-500:]
     if not wait_until(lambda: ns.systemctl("is-system-running").stdout.strip()
                       in ("running", "degraded"), 60):
         return ns, "the manager did not reach basic.target"

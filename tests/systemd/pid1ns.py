@@ -41,14 +41,23 @@ def die_with_parent():
 class Namespace:
     def __init__(self, work, dest, prefix, persist=None):
         self.work = work
-        binds = "".join(f"mkdir -p '{inside}'\nmount --bind '{outside}' '{inside}'\n"
+        # Every source is under `work`, named relative to it: the script changes into `work`
+        # first, so they stay reachable through its current directory once the tmpfs mounts hide
+        # them (a build directory under /tmp, say).
+        def rel(path):
+            r = os.path.relpath(path, work)
+            if r.startswith(".."):
+                raise ValueError(f"{path} is not under {work}")
+            return "./" + r
+        binds = "".join(f"mkdir -p '{inside}'\nmount --bind '{rel(outside)}' '{inside}'\n"
                         for inside, outside in (persist or {}).items())
         boot = os.path.join(work, "boot.sh")
-        policy = os.path.join(dest + "/" + prefix.lstrip("/"),
-                              "share/dbus-1/system.d/org.qmachined1.conf")
+        installed = rel(dest + "/" + prefix.lstrip("/"))
+        policy = installed + "/share/dbus-1/system.d/org.qmachined1.conf"
         with open(boot, "w") as f:
             f.write(f"""#!/bin/sh
 set -e
+cd '{work}'
 mount --make-rprivate /
 for d in /tmp /var/tmp /run /var/lib /srv /etc/systemd/system /var/log/journal \
          /etc/dbus-1/system.d; do
@@ -58,7 +67,7 @@ done
 chmod 1777 /tmp /var/tmp
 mkdir -p /etc/dbus-1/system.d
 cp '{policy}' /etc/dbus-1/system.d/
-mount --bind '{dest}{prefix}' '{prefix}'
+mount --bind '{installed}' '{prefix}'
 {binds}exec /lib/systemd/systemd --system --unit=basic.target --log-level=warning
 """)
         os.chmod(boot, 0o755)
