@@ -457,6 +457,7 @@ Response Api::health() const
         states.AddMember(key, n, a);
     }
     d.AddMember("states", states, a);
+    d.AddMember("event_seq", supervisor_.events().last_seq(), a);
     return json_response(200, json::to_string(d));
 }
 

@@ -326,6 +326,12 @@ EventBus::EventBus(asio::io_context& ioc, EventBusOptions options)
     options_.ring_capacity = std::max<std::size_t>(options_.ring_capacity, 1);
     options_.qmp_burst = std::max(options_.qmp_burst, 1.0);
     options_.qmp_rate_per_s = std::max(options_.qmp_rate_per_s, 0.0);
+    seq_ = base_ = options_.seq_base;
+}
+
+std::uint64_t EventBus::start_of(std::uint64_t since) const noexcept
+{
+    return since == 0 || since > seq_ ? base_ : since;
 }
 
 EventBus::~EventBus()
@@ -595,7 +601,7 @@ std::shared_ptr<Subscription> EventBus::subscribe(EventSelector selector,
 {
     auto sub = std::shared_ptr<Subscription>(new Subscription(this, std::move(selector)));
     if (since) {
-        const std::uint64_t from = *since > seq_ ? 0 : *since;
+        const std::uint64_t from = start_of(*since);
         if (from < seq_) {
             sub->replaying_ = true;
             sub->cursor_ = from + 1;
@@ -633,7 +639,7 @@ awaitable<expected<Event>> EventBus::wait(EventSelector selector,
     const std::weak_ptr<int> life = life_;
     const std::string what = describe(selector);
     if (since) {
-        const std::uint64_t from = *since > seq_ ? 0 : *since;
+        const std::uint64_t from = start_of(*since);
         if (from + 1 < first_seq()) {
             co_return fail(errc::invalid_state,
                            fmt::format("events after {} are no longer kept (the oldest is {})",

@@ -99,6 +99,11 @@ struct StreamItem
 
 struct EventBusOptions
 {
+    // The number before the first event's: the daemon's start time in µs since the epoch (the
+    // Supervisor sets it), so that numbers keep growing across restarts and a number from an
+    // earlier run is recognised as such (its events are lost to the asker: a lag notice, or
+    // invalid_state for a wait). 0: numbers start at 1 (tests of the bus alone).
+    std::uint64_t seq_base = 0;
     // Recent events kept for resume and waits.
     std::size_t ring_capacity = 4096;
     // Events a subscriber may have waiting before it is told it lagged.
@@ -186,13 +191,16 @@ public:
     std::uint64_t last_seq() const noexcept { return seq_; }
     // The oldest sequence number still in the ring (last_seq() + 1 when empty).
     std::uint64_t first_seq() const noexcept;
+    // Where a `since` starts: 0 and numbers no run gave out mean this run's start.
+    std::uint64_t start_of(std::uint64_t since) const noexcept;
     // Events in the ring after `since` (all of them when since < first_seq() - 1) that match.
     std::vector<Event> replay(std::uint64_t since, const EventSelector& selector) const;
 
     // A new subscriber. Without `since` it sees events published from now on; with it, every
     // matching event with seq > since that the ring still holds first (and a lag notice first when
-    // the ring no longer holds seq since + 1). A `since` beyond last_seq() comes from an earlier
-    // run of the daemon: every event of this run is newer, so it counts as 0.
+    // the ring no longer holds seq since + 1: also for a `since` of an earlier run, below this
+    // run's first number). 0, and a `since` beyond last_seq() (which no run gave out), mean this
+    // run's first event.
     std::shared_ptr<Subscription> subscribe(EventSelector selector,
                                             std::optional<std::uint64_t> since = std::nullopt);
 
@@ -204,9 +212,9 @@ public:
     // The first event matching `selector` with seq > since (from the ring, then as published);
     // without `since`, from now on. errc::timeout after `timeout` (a zero timeout only looks in
     // the ring); errc::invalid_state when the ring no longer holds since + 1 (the caller's window
-    // is lost: it must re-read state) or when the bus is destroyed meanwhile. A `since` beyond
-    // last_seq() counts as 0, as for subscribe(). Any number of waits may be pending; each gets
-    // its own first match.
+    // is lost: it must re-read state; so for a `since` of an earlier run) or when the bus is
+    // destroyed meanwhile. 0 and a `since` beyond last_seq() count as this run's start, as for
+    // subscribe(). Any number of waits may be pending; each gets its own first match.
     awaitable<expected<Event>> wait(EventSelector selector, std::optional<std::uint64_t> since,
                                     std::chrono::milliseconds timeout);
 
@@ -247,6 +255,7 @@ private:
     asio::io_context& ioc_;
     EventBusOptions options_;
     std::uint64_t seq_ = 0;
+    std::uint64_t base_ = 0; // options_.seq_base: this run's numbers are above it
     std::deque<Event> ring_;
     std::list<std::weak_ptr<Subscription>> subscribers_;
     std::vector<std::pair<std::uint64_t, Listener>> listeners_;

@@ -267,8 +267,26 @@ const char* Supervisor::to_string(Job job) noexcept
 
 //---- construction, loading ----------------------------------------------------------------------
 
+namespace {
+
+// Event numbers of this run start above the daemon's start time in µs since the epoch: they keep
+// growing across restarts (below 2^53, so JavaScript clients read them exactly, for centuries),
+// and a number from an earlier run is told apart from this run's.
+EventBusOptions run_events_options(EventBusOptions options)
+{
+    if (options.seq_base == 0) {
+        options.seq_base = static_cast<std::uint64_t>(
+            std::chrono::duration_cast<std::chrono::microseconds>(
+                std::chrono::system_clock::now().time_since_epoch())
+                .count());
+    }
+    return options;
+}
+
+} // namespace
+
 Supervisor::Supervisor(asio::io_context& ioc, SupervisorOptions options)
-    : ioc_(ioc), options_(std::move(options)), events_(ioc, options_.events),
+    : ioc_(ioc), options_(std::move(options)), events_(ioc, run_events_options(options_.events)),
       store_(ioc, options_.state_dir), log_timer_(ioc)
 {
     register_metrics();

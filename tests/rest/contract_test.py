@@ -887,10 +887,13 @@ def sse_messages(body):
 def run_stream_requests(s):
     """The waits and the event stream, with c1 running (no console)."""
     # The events of c1 so far: its creation and its states, in order, then the live stream.
+    first = {}
+
     def from_the_start(r, v):
         msgs = sse_messages(r.body)
         names = [m.get('event') for m in msgs]
         ids = [int(m['id']) for m in msgs]
+        first['id'] = ids[0] if ids else 0
         problems = [] if names[:1] == ['MACHINE_CREATED'] and 'STATE_CHANGED' in names else [f'names {names}']
         if ids != sorted(ids) or len(set(ids)) != len(ids):
             problems.append(f'ids {ids}')
@@ -902,9 +905,17 @@ def run_stream_requests(s):
     s.send('events of c1 since 0', 'GET', '/v1/events?since=0&machine=c1', 200, check=from_the_start,
            stream_s=1)
     s.send('Last-Event-ID resumes after it', 'GET', '/v1/events?machine=c1', 200,
-           headers=['Last-Event-ID: 1'], stream_s=1,
+           headers=[f'Last-Event-ID: {first["id"]}'], stream_s=1,
            check=lambda r, v: [] if [int(m['id']) for m in sse_messages(r.body)][:1]
-           and min(int(m['id']) for m in sse_messages(r.body)) > 1 else [f'{r.body[:300]!r}'])
+           and min(int(m['id']) for m in sse_messages(r.body)) > first['id']
+           else [f'{r.body[:300]!r}'])
+    # A number of an earlier run (below this run's first): told what it lost, with a lag notice.
+    s.send('Last-Event-ID of an earlier run', 'GET', '/v1/events?machine=c1', 200,
+           headers=['Last-Event-ID: 1'], stream_s=1,
+           check=lambda r, v: [] if sse_messages(r.body)[:1] and
+           sse_messages(r.body)[0].get('event') == 'lagged' and
+           json.loads(sse_messages(r.body)[0]['data'])['first_missing'] == 2
+           else [f'{r.body[:300]!r}'])
     match = urllib.parse.quote(json.dumps({'data': {'state': 'running'}}))
     s.send('filtered by name and match', 'GET',
            f'/v1/events?since=0&event=STATE_CHANGED&event=RESUME&match={match}', 200, stream_s=1,

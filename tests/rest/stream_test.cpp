@@ -88,6 +88,14 @@ protected:
         return static_cast<std::uint64_t>(json::get_int(r.json(), "event_seq").value_or(0));
     }
 
+    // The daemon's current event number (GET /v1/health): before any event, this run's base.
+    std::uint64_t current_seq()
+    {
+        HttpResponse r = call("GET", "/v1/health");
+        EXPECT_EQ(r.status, 200) << r;
+        return seq_of(r);
+    }
+
     std::uint64_t act(const std::string& name, const std::string& action)
     {
         HttpResponse r = call("POST", "/v1/machines/" + name + "/" + action);
@@ -121,6 +129,10 @@ std::vector<std::uint64_t> seqs(const std::vector<Got>& got)
 TEST_F(StreamTest, StateAndQmpEventsArriveInOrderWithEachFilter)
 {
     ASSERT_NO_FATAL_FAILURE(start_daemon());
+    const std::uint64_t base = current_seq();
+    // This run's numbers start above its start time in µs: they grow across restarts.
+    EXPECT_GT(base, 1'700'000'000'000'000U);
+    EXPECT_LT(base, 1ULL << 53);
     auto all = subscribe("");
     auto of_a = subscribe("?machine=a");
     auto names = subscribe("?event=STATE_CHANGED&event=STOP");
@@ -140,7 +152,7 @@ TEST_F(StreamTest, StateAndQmpEventsArriveInOrderWithEachFilter)
     for (std::size_t i = 1; i < everything.size(); ++i) {
         EXPECT_EQ(everything[i].seq, everything[i - 1].seq + 1) << "a gap or a repeat";
     }
-    EXPECT_EQ(everything.front().seq, 1U);
+    EXPECT_EQ(everything.front().seq, base + 1);
     // a's states in the order they happened, and QEMU's own events among them.
     std::vector<std::string> a_states;
     std::set<std::string> a_qmp;
@@ -223,6 +235,7 @@ TEST_F(StreamTest, ASlowReaderIsToldWhatItLostAndNothingElseIsLost)
 {
     // A reader may be 16 events behind (the default is 1024: the same logic, a longer test).
     ASSERT_NO_FATAL_FAILURE(start_daemon({"--event-queue", "16"}));
+    const std::uint64_t base = current_seq();
     auto slow = subscribe("");
     // Daemon events (never rate-limited), from 4 clients at once: more than the socket's buffer
     // and the subscriber's queue hold while the reader does not read.
@@ -249,7 +262,7 @@ TEST_F(StreamTest, ASlowReaderIsToldWhatItLostAndNothingElseIsLost)
     HttpResponse end = create("last", quick_spec());
     ASSERT_EQ(end.status, 201) << end;
     const std::uint64_t last = seq_of(end);
-    ASSERT_EQ(last, 2001U);
+    ASSERT_EQ(last, base + 2001U);
 
     std::vector<std::pair<std::uint64_t, std::uint64_t>> lags;
     const auto got = read_until(*slow, last, &lags, 60s);
@@ -265,7 +278,7 @@ TEST_F(StreamTest, ASlowReaderIsToldWhatItLostAndNothingElseIsLost)
     }
     std::sort(covered.begin(), covered.end());
     std::vector<std::uint64_t> want;
-    for (std::uint64_t s = 1; s <= last; ++s) {
+    for (std::uint64_t s = base + 1; s <= last; ++s) {
         want.push_back(s);
     }
     EXPECT_EQ(covered, want);
@@ -283,6 +296,36 @@ TEST_F(StreamTest, ASlowReaderIsToldWhatItLostAndNothingElseIsLost)
     const auto refetched = read_until(*again, last + 1);
     EXPECT_EQ(refetched.front().seq, lags.front().first);
     EXPECT_EQ(refetched.back().seq, last + 1);
+}
+
+// A client that resumes with a number from the daemon's previous run is told that it lost what
+// happened meanwhile, and is never handed this run's events as if they came after its own.
+TEST_F(StreamTest, ResumingAcrossADaemonRestartIsToldWhatItLost)
+{
+    ASSERT_NO_FATAL_FAILURE(start_daemon());
+    ASSERT_EQ(create("a", quick_spec()).status, 201);
+    const std::uint64_t before = seq_of(create("b", quick_spec()));
+    stop_daemon();
+    ASSERT_NO_FATAL_FAILURE(start_daemon());
+    const std::uint64_t base = current_seq();
+    EXPECT_GT(base, before) << "a later run must number above the earlier one";
+    // More events in this run than the earlier run had (the old bug: they looked newer).
+    for (int i = 0; i < 5; ++i) {
+        ASSERT_EQ(create(fmt::format("c{}", i), quick_spec()).status, 201);
+    }
+    const std::uint64_t last = current_seq();
+    auto resumed = subscribe("", {fmt::format("Last-Event-ID: {}", before)});
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> lags;
+    const auto got = read_until(*resumed, last, &lags);
+    ASSERT_EQ(lags.size(), 1U);
+    EXPECT_EQ(lags[0].first, before + 1);
+    EXPECT_EQ(lags[0].second, base + 1);
+    ASSERT_EQ(got.size(), 5U);
+    EXPECT_EQ(got.front().seq, base + 1);
+    // A wait since the old number: 409, the window is lost.
+    HttpResponse w = call("POST", "/v1/machines/a/events/wait",
+                          fmt::format(R"({{"since": {}, "timeout_s": 1}})", before));
+    EXPECT_EQ(w.status, 409) << w;
 }
 
 TEST_F(StreamTest, TheStreamEndsCleanlyWhenTheDaemonStops)
