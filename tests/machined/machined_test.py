@@ -26,22 +26,16 @@ Skips (the one suite allowed to) where no systemd-machined can run, saying why.
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "systemd"))
-from pid1ns import Namespace, meson_options, run, wait_until  # noqa: E402
+from pid1ns import Namespace, Tap, guest_dir, install, meson_options, wait_until  # noqa: E402
 
 build_dir = sys.argv[1]
-results = []
-
-
-def check(ok, what, detail=""):
-    results.append((bool(ok), what, detail))
-    print(f"# {'ok' if ok else 'FAILED'}: {what}", flush=True)
-    return ok
+tap = Tap(progress=True, detail_lines=40)
+check = tap.check
 
 
 def skip(why):
@@ -95,15 +89,12 @@ def main():
     prefix = opts["prefix"]
     if prefix in ("/", "/usr"):
         skip(f"the build's prefix {prefix} cannot be bound over the host's")
-    guest = os.environ.get("QM_GUEST_DIR") or run(
-        [os.path.join(os.path.dirname(__file__), "../../scripts/guest-image")],
-        timeout=600).stdout.strip().splitlines()[-1]
+    guest = guest_dir()
     work = tempfile.mkdtemp(prefix="machined-test.", dir=os.path.abspath(build_dir))
     ns = None
     try:
         dest = os.path.join(work, "dest")
-        r = run(["meson", "install", "-C", build_dir, "--no-rebuild", "--quiet", "--destdir",
-                 dest])
+        r = install(build_dir, dest)
         if not check(r.returncode == 0, "meson install --destdir", r.stdout + r.stderr):
             return
         state = os.path.join(work, "state")
@@ -249,18 +240,4 @@ class QemuOf:
         return r.returncode == 0
 
 
-try:
-    main()
-except SystemExit:
-    raise
-except Exception:
-    import traceback
-    check(False, "the test ran to the end", traceback.format_exc())
-
-print(f"1..{len(results)}")
-for i, (ok, what, detail) in enumerate(results, 1):
-    print(f"{'ok' if ok else 'not ok'} {i} - {what}")
-    if not ok and detail:
-        for line in str(detail).splitlines()[-40:]:
-            print(f"#   {line}")
-sys.exit(0 if all(ok for ok, _, _ in results) else 1)
+tap.finish(main)

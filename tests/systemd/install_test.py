@@ -27,15 +27,13 @@ import subprocess
 import sys
 import tempfile
 
+from pid1ns import Tap, install
+
 EXPOSURE_MAX = 3.5  # systemd-analyze security (252): measured 3.4 offline, 3.2 in a running manager
 
 build_dir, source_dir = sys.argv[1], sys.argv[2]
-results = []
-
-
-def check(ok, what, detail=""):
-    results.append((bool(ok), what, detail))
-    return ok
+tap = Tap(progress=False, detail_lines=60)
+check = tap.check
 
 
 def run(argv, **kw):
@@ -85,8 +83,7 @@ def main():
     work = tempfile.mkdtemp(prefix="qm-install.")
     try:
         dest = os.path.join(work, "dest")
-        r = run(["meson", "install", "-C", build_dir, "--no-rebuild", "--quiet", "--destdir",
-                 dest])
+        r = install(build_dir, dest, timeout=120)
         if not check(r.returncode == 0, "meson install --destdir", r.stdout + r.stderr):
             return
 
@@ -320,16 +317,4 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
 
 
-try:
-    main()
-except Exception as e:  # a crash of the test is a failure, with its reason
-    import traceback
-    check(False, "install test ran to the end", traceback.format_exc())
-
-print(f"1..{len(results)}")
-for i, (ok, what, detail) in enumerate(results, 1):
-    print(f"{'ok' if ok else 'not ok'} {i} - {what}")
-    if not ok and detail:
-        for line in str(detail).splitlines()[:60]:
-            print(f"#   {line}")
-sys.exit(0 if all(ok for ok, _, _ in results) else 1)
+tap.finish(main, 'install test ran to the end')

@@ -30,16 +30,11 @@ import sys
 import tempfile
 import time
 
-from pid1ns import Namespace, meson_options, run, wait_until
+from pid1ns import Namespace, Tap, guest_dir, install, meson_options, wait_until
 
 build_dir = sys.argv[1]
-results = []
-
-
-def check(ok, what, detail=""):
-    results.append((bool(ok), what, detail))
-    print(f"# {'ok' if ok else 'FAILED'}: {what}", flush=True)
-    return ok
+tap = Tap(progress=True, detail_lines=40)
+check = tap.check
 
 
 def main():
@@ -48,16 +43,13 @@ def main():
     if not check(prefix not in ("/", "/usr") and os.geteuid() == 0,
                  f"runs as root with a build prefix that can be bound over ({prefix})"):
         return
-    guest = os.environ.get("QM_GUEST_DIR") or run(
-        [os.path.join(os.path.dirname(__file__), "../../scripts/guest-image")],
-        timeout=600).stdout.strip().splitlines()[-1]
+    guest = guest_dir()
     # In the build directory: the namespace gets a private /tmp, which would hide it.
     work = tempfile.mkdtemp(prefix="pid1-test.", dir=os.path.abspath(build_dir))
     ns = None
     try:
         dest = os.path.join(work, "dest")
-        r = run(["meson", "install", "-C", build_dir, "--no-rebuild", "--quiet", "--destdir",
-                 dest])
+        r = install(build_dir, dest)
         if not check(r.returncode == 0, "meson install --destdir", r.stdout + r.stderr):
             return
         ns = Namespace(work, dest, prefix)
@@ -223,16 +215,4 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
 
 
-try:
-    main()
-except Exception:
-    import traceback
-    check(False, "the test ran to the end", traceback.format_exc())
-
-print(f"1..{len(results)}")
-for i, (ok, what, detail) in enumerate(results, 1):
-    print(f"{'ok' if ok else 'not ok'} {i} - {what}")
-    if not ok and detail:
-        for line in str(detail).splitlines()[-40:]:
-            print(f"#   {line}")
-sys.exit(0 if all(ok for ok, _, _ in results) else 1)
+tap.finish(main)

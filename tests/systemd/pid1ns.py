@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 
@@ -31,6 +32,51 @@ def run(argv, timeout=60, **kw):
 def meson_options(build_dir):
     out = run(["meson", "introspect", "--buildoptions", build_dir])
     return {o["name"]: o["value"] for o in json.loads(out.stdout)}
+
+
+def guest_dir():
+    """The test guest's directory: $QM_GUEST_DIR, else what scripts/guest-image builds."""
+    return os.environ.get("QM_GUEST_DIR") or run(
+        [os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../scripts/guest-image")],
+        timeout=600).stdout.strip().splitlines()[-1]
+
+
+def install(build_dir, dest, timeout=60):
+    """`meson install` of the build into the DESTDIR `dest`."""
+    return run(["meson", "install", "-C", build_dir, "--no-rebuild", "--quiet", "--destdir", dest],
+               timeout=timeout)
+
+
+class Tap:
+    """Results as TAP: check() records one (and, with `progress`, says it at once); finish() runs
+    the test's main, turns a crash into a failed point, prints the plan and exits."""
+
+    def __init__(self, progress=True, detail_lines=40):
+        self.results = []
+        self.progress = progress
+        self.detail_lines = detail_lines
+
+    def check(self, ok, what, detail=""):
+        self.results.append((bool(ok), what, detail))
+        if self.progress:
+            print(f"# {'ok' if ok else 'FAILED'}: {what}", flush=True)
+        return ok
+
+    def finish(self, main, crash_point="the test ran to the end"):
+        try:
+            main()
+        except SystemExit:
+            raise
+        except Exception:
+            import traceback
+            self.check(False, crash_point, traceback.format_exc())
+        print(f"1..{len(self.results)}")
+        for i, (ok, what, detail) in enumerate(self.results, 1):
+            print(f"{'ok' if ok else 'not ok'} {i} - {what}")
+            if not ok and detail:
+                for line in str(detail).splitlines()[-self.detail_lines:]:
+                    print(f"#   {line}")
+        sys.exit(0 if all(ok for ok, _, _ in self.results) else 1)
 
 
 def die_with_parent():
