@@ -207,10 +207,10 @@ bool may_be_empty(std::string_view key)
     return key == "qemu-user" || key == "qmp-allow" || key == "qmp-deny" || key == "image-dirs";
 }
 
-// "/a, /b" -> {"/a", "/b"}; "" -> {}. Absolute directories that a unit file's ReadWritePaths=
-// can carry as they are (qmachined-generator writes them there): no white space, quotes,
-// backslashes, '%' (a unit file specifier) or control characters.
-expected<std::vector<std::string>> parse_dir_list(std::string_view key, std::string_view value)
+// A comma-separated list ("a, b,c"; "" is none): each item trimmed and given to `item`, which
+// checks it and returns what to keep (or the failure); repeats are kept once.
+template <typename Item>
+expected<std::vector<std::string>> parse_list(std::string_view value, Item item)
 {
     std::vector<std::string> out;
     if (trim(value).empty()) {
@@ -218,7 +218,24 @@ expected<std::vector<std::string>> parse_dir_list(std::string_view key, std::str
     }
     for (std::size_t start = 0; start <= value.size();) {
         const std::size_t comma = std::min(value.find(',', start), value.size());
-        const std::string_view dir = trim(value.substr(start, comma - start));
+        expected<std::string> kept = item(trim(value.substr(start, comma - start)));
+        if (!kept) {
+            return fail(std::move(kept).error());
+        }
+        if (std::find(out.begin(), out.end(), *kept) == out.end()) {
+            out.push_back(std::move(*kept));
+        }
+        start = comma + 1;
+    }
+    return out;
+}
+
+// "/a, /b" -> {"/a", "/b"}; "" -> {}. Absolute directories that a unit file's ReadWritePaths=
+// can carry as they are (qmachined-generator writes them there): no white space, quotes,
+// backslashes, '%' (a unit file specifier) or control characters.
+expected<std::vector<std::string>> parse_dir_list(std::string_view key, std::string_view value)
+{
+    return parse_list(value, [key](std::string_view dir) -> expected<std::string> {
         if (!is_absolute(dir)) {
             return fail(errc::invalid_argument,
                         fmt::format("{}: '{}' is not an absolute path", key, dir));
@@ -233,13 +250,8 @@ expected<std::vector<std::string>> parse_dir_list(std::string_view key, std::str
                                     "(white space, quotes, '\\', '%' or a control character)",
                                     key, dir));
         }
-        std::string clean = clean_path(std::string(dir));
-        if (std::find(out.begin(), out.end(), clean) == out.end()) {
-            out.push_back(std::move(clean));
-        }
-        start = comma + 1;
-    }
-    return out;
+        return clean_path(std::string(dir));
+    });
 }
 
 struct ShutdownPolicyName
@@ -265,25 +277,15 @@ bool is_user_name(std::string_view s)
 // "a, b,c" -> {"a", "b", "c"}; "" -> {}. Each a QMP command name.
 expected<std::vector<std::string>> parse_command_list(std::string_view key, std::string_view value)
 {
-    std::vector<std::string> out;
-    if (trim(value).empty()) {
-        return out;
-    }
-    for (std::size_t start = 0; start <= value.size();) {
-        const std::size_t comma = std::min(value.find(',', start), value.size());
-        const std::string_view name = trim(value.substr(start, comma - start));
+    return parse_list(value, [key](std::string_view name) -> expected<std::string> {
         if (!valid_qmp_command_name(name)) {
             return fail(errc::invalid_argument,
                         fmt::format("{}: '{}' is not a QMP command name (letters, digits, '-' and "
                                     "'_')",
                                     key, name));
         }
-        if (std::find(out.begin(), out.end(), name) == out.end()) {
-            out.emplace_back(name);
-        }
-        start = comma + 1;
-    }
-    return out;
+        return std::string(name);
+    });
 }
 
 expected<std::uint64_t> parse_count(std::string_view key, std::string_view value, std::uint64_t min,
