@@ -962,7 +962,10 @@ void Supervisor::on_machine_state(Entry& e, MachineState s)
         // The monitor connection broke while QEMU lives on: nothing can be asked of it any more.
         if (has_process(e.state) && e.state != MachineState::stopping) {
             e.unresponsive = true;
-            set_state(e, MachineState::unresponsive, "the QMP connection was lost");
+            const std::string& why = e.machine->qmp_lost_reason();
+            set_state(e, MachineState::unresponsive,
+                      why.empty() ? std::string("the QMP connection was lost")
+                                  : "the QMP connection was lost: " + why);
         }
         break;
     default:

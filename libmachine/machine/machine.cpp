@@ -506,6 +506,7 @@ awaitable<expected<void>> Machine::launch()
     iolog_.clear();
     full_args_.clear();
     last_shutdown_step_ = ShutdownStep::none;
+    qmp_lost_reason_.clear();
     launching_ = true;
     auto result = co_await do_launch();
     if (!result) {
@@ -764,11 +765,12 @@ awaitable<expected<void>> Machine::negotiate(qmp::Socket socket,
         }
         spdlog::debug("machine[{}]: QMP lost: {}", config_.name, e.message);
         auto grace = std::make_shared<asio::steady_timer>(ioc_, std::chrono::seconds(1));
-        grace->async_wait([this, life, grace](error_code) {
+        grace->async_wait([this, life, grace, why = e.message](error_code) {
             if (life.expired() || exit_status_ || quit_issued_ || shutting_down_) {
                 return;
             }
             if (has_process(state_)) {
+                qmp_lost_reason_ = why;
                 set_state(MachineState::unresponsive);
             }
         });
@@ -816,6 +818,7 @@ awaitable<expected<void>> Machine::attach(AttachOptions options)
     }
     iolog_.clear();
     last_shutdown_step_ = ShutdownStep::none;
+    qmp_lost_reason_.clear();
     begin_run();
     console_later_ = options.console_later;
     full_args_ = std::move(options.argv);

@@ -242,6 +242,9 @@ public:
     // included); none until one has. Reset by launch().
     ShutdownStep last_shutdown_step() const noexcept { return last_shutdown_step_; }
     MachineState state() const noexcept { return state_; }
+    // Why the QMP connection of the running process was lost ("QMP message exceeds 33554432
+    // bytes", "connection reset by peer"), once state() went unresponsive for it; empty otherwise.
+    const std::string& qmp_lost_reason() const noexcept { return qmp_lost_reason_; }
     // QEMU's own run state string from query-status and events ("running", "prelaunch", ...).
     const std::string& qemu_status() const noexcept { return qemu_status_; }
 
@@ -365,6 +368,7 @@ private:
     bool launching_ = false;
     bool shutting_down_ = false;
     bool quit_issued_ = false;
+    std::string qmp_lost_reason_;
     bool console_later_ = false; // this run's attach() leaves the console to ensure_console()
     bool user_killed_ = false;
     pid_t pid_ = -1;
