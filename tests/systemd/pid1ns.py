@@ -124,6 +124,7 @@ mount --bind '{installed}' '{prefix}'
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
             preexec_fn=die_with_parent)
         self.pid1 = None
+        self.pidns = None
 
     def find_pid1(self, deadline=20):
         end = time.time() + deadline
@@ -140,6 +141,10 @@ mount --bind '{installed}' '{prefix}'
                     continue
                 if ppid == self.proc.pid and b"systemd" in cmd:
                     self.pid1 = int(pid)
+                    try:
+                        self.pidns = os.readlink(f"/proc/{pid}/ns/pid")
+                    except OSError:
+                        self.pidns = None
                     return True
             if self.proc.poll() is not None:
                 return False
@@ -180,7 +185,23 @@ mount --bind '{installed}' '{prefix}'
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        # The kernel kills everything in the namespace with its PID 1, but a QEMU may take a
+        # moment to go: the next namespace's systemd must not meet it in the cgroups they share.
+        if self.pidns:
+            wait_until(lambda: not self.members(), 20)
         self.log.close()
+
+    def members(self):
+        """The pids of processes still in this namespace."""
+        out = []
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    if os.readlink(f"/proc/{pid}/ns/pid") == self.pidns:
+                        out.append(int(pid))
+                except OSError:
+                    pass
+        return out
 
 
 def wait_until(predicate, deadline=30, step=0.1):
