@@ -107,6 +107,13 @@ Service::Service(asio::io_context& ioc, daemon::Supervisor& supervisor, std::uni
 Service::~Service()
 {
     supervisor_.events().unlisten(listener_);
+    for (auto& [sender, lookup] : lookups_) {
+        sd_bus_slot_unref(lookup->slot);
+        for (const Waiting& w : lookup->calls) {
+            sd_bus_message_unref(w.m); // unanswered: the bus goes with us
+        }
+    }
+    lookups_.clear();
     for (sd_bus_slot* s : slots_) {
         sd_bus_slot_unref(s);
     }
@@ -149,8 +156,9 @@ int Service::authorize(sd_bus_message* m, sd_bus_error* error, std::string_view 
     const std::string key = sender != nullptr ? sender : "";
     auto it = peers_.find(key);
     if (it == peers_.end() || key.empty()) {
-        // One round trip to the bus daemon per client connection (GetConnectionCredentials),
-        // then the verdict is remembered: unique names are never reused on a bus.
+        // Only where with_credentials() could not run first (the Spec property's getter, which
+        // must answer at once): a synchronous round trip to the bus daemon, once per client
+        // connection; the verdict is remembered (unique names are never reused on a bus).
         // The call waits in ppoll(), which a signal (SIGCHLD when a QEMU exits) interrupts:
         // sd-bus then gives up with -EINTR; ask again.
         sd_bus_creds* creds = nullptr;
@@ -203,6 +211,135 @@ int Service::authorize(sd_bus_message* m, sd_bus_error* error, std::string_view 
                                 "only root, qmachined's user and the qmachined group may do this");
     }
     return 1;
+}
+
+Service::Peer Service::verdict(const std::string& sender, uid_t uid, pid_t pid) const
+{
+    Peer peer;
+    peer.allowed = uid == 0 || uid == ::geteuid();
+    if (!peer.allowed && options_.admin_group && pid > 0) {
+        // The groups from /proc (as SD_BUS_CREDS_AUGMENT reads them): the bus daemon of Debian
+        // 12 (dbus 1.14) does not report them.
+        sd_bus_creds* creds = nullptr;
+        if (sd_bus_creds_new_from_pid(&creds, pid,
+                                      SD_BUS_CREDS_GID | SD_BUS_CREDS_SUPPLEMENTARY_GIDS) >= 0) {
+            gid_t gid = 0;
+            if (sd_bus_creds_get_gid(creds, &gid) >= 0 && gid == *options_.admin_group) {
+                peer.allowed = true;
+            }
+            const gid_t* gids = nullptr;
+            const int n = sd_bus_creds_get_supplementary_gids(creds, &gids);
+            for (int i = 0; i < n && !peer.allowed; ++i) {
+                peer.allowed = gids[i] == *options_.admin_group;
+            }
+            sd_bus_creds_unref(creds);
+        }
+    }
+    peer.who = fmt::format("dbus={} uid={} pid={}", sender,
+                           uid == static_cast<uid_t>(-1) ? std::string("?") : std::to_string(uid),
+                           pid);
+    return peer;
+}
+
+int Service::with_credentials(sd_bus_message* m, sd_bus_message_handler_t handler,
+                              sd_bus_error* error)
+{
+    const char* sender = sd_bus_message_get_sender(m);
+    if (sender == nullptr || peers_.contains(std::string_view(sender))) {
+        return handler(m, this, error); // known (or a direct connection: authorize() decides)
+    }
+    auto it = lookups_.find(std::string_view(sender));
+    if (it == lookups_.end()) {
+        auto lookup = std::make_unique<Lookup>();
+        lookup->service = this;
+        lookup->sender = sender;
+        const int r = sd_bus_call_method_async(
+            bus_->get(), &lookup->slot, "org.freedesktop.DBus", "/org/freedesktop/DBus",
+            "org.freedesktop.DBus", "GetConnectionCredentials", &Service::on_credentials,
+            lookup.get(), "s", sender);
+        if (r < 0) {
+            return sd_bus_error_set_errnof(error, -r, "cannot read the caller's credentials: %s",
+                                           std::strerror(-r));
+        }
+        it = lookups_.emplace(lookup->sender, std::move(lookup)).first;
+    }
+    it->second->calls.push_back(Waiting{sd_bus_message_ref(m), handler});
+    return 1;
+}
+
+int Service::on_credentials(sd_bus_message* reply, void* userdata, sd_bus_error*)
+{
+    auto* lookup = static_cast<Lookup*>(userdata);
+    Service* self = lookup->service;
+    auto node = self->lookups_.extract(lookup->sender);
+    if (node.empty()) {
+        return 0;
+    }
+    std::unique_ptr<Lookup> owned = std::move(node.mapped());
+    self->credentials_arrived(*owned, reply);
+    sd_bus_slot_unref(owned->slot);
+    owned->slot = nullptr;
+    return 0;
+}
+
+void Service::credentials_arrived(Lookup& lookup, sd_bus_message* reply)
+{
+    std::optional<uid_t> uid;
+    pid_t pid = 0;
+    std::string problem;
+    if (const sd_bus_error* e = sd_bus_message_get_error(reply); e != nullptr) {
+        problem = e->message != nullptr ? e->message : (e->name != nullptr ? e->name : "error");
+    } else if (sd_bus_message_enter_container(reply, 'a', "{sv}") >= 0) {
+        while (sd_bus_message_enter_container(reply, 'e', "sv") > 0) {
+            const char* key = nullptr;
+            std::uint32_t value = 0;
+            if (sd_bus_message_read(reply, "s", &key) < 0) {
+                break;
+            }
+            const std::string_view k = key != nullptr ? key : "";
+            if ((k == "UnixUserID" || k == "ProcessID") &&
+                sd_bus_message_read(reply, "v", "u", &value) >= 0) {
+                if (k == "UnixUserID") {
+                    uid = static_cast<uid_t>(value);
+                } else {
+                    pid = static_cast<pid_t>(value);
+                }
+            } else {
+                sd_bus_message_skip(reply, "v");
+            }
+            sd_bus_message_exit_container(reply);
+        }
+        sd_bus_message_exit_container(reply);
+    }
+    if (!uid && problem.empty()) {
+        problem = "the bus did not say the caller's uid";
+    }
+    if (problem.empty()) {
+        if (peers_.size() >= 4096) {
+            peers_.clear(); // bounded; a verdict costs one more round trip to find again
+        }
+        peers_.insert_or_assign(lookup.sender, verdict(lookup.sender, *uid, pid));
+    }
+    for (const Waiting& w : lookup.calls) {
+        sd_bus_error error{};
+        int r = 0;
+        if (problem.empty()) {
+            sd_bus_message_rewind(w.m, 1);
+            r = w.handler(w.m, this, &error);
+        } else {
+            r = sd_bus_error_setf(&error, SD_BUS_ERROR_ACCESS_DENIED,
+                                  "cannot read the caller's credentials: %s", problem.c_str());
+        }
+        if (sd_bus_error_is_set(&error)) {
+            sd_bus_reply_method_error(w.m, &error);
+        } else if (r < 0) {
+            sd_bus_reply_method_errno(w.m, r, nullptr);
+        }
+        sd_bus_error_free(&error);
+        sd_bus_message_unref(w.m);
+    }
+    lookup.calls.clear();
+    bus_->schedule();
 }
 
 std::string Service::caller(sd_bus_message* m) const

@@ -72,6 +72,12 @@ public:
     // A refused mutating call (`op` names it, as the audit line does) is audited too.
     int authorize(sd_bus_message* m, sd_bus_error* error, std::string_view op = {},
                   std::string_view machine = {});
+    // For the privileged methods of the vtables (through `credentialed<H>`): runs `handler` at
+    // once when the sender's credentials are known, else asks the bus daemon for them
+    // (GetConnectionCredentials, asynchronously: the loop never waits for the bus) and runs it
+    // when they come, the calls of one sender in their order. Inside `handler`, authorize() then
+    // decides without a round trip. Returns what the handler returns, or 1 (answered later).
+    int with_credentials(sd_bus_message* m, sd_bus_message_handler_t handler, sd_bus_error* error);
     // Who sent `m`, for audit lines: "dbus=:1.42 uid=1000 pid=4242" (known once authorize() ran).
     std::string caller(sd_bus_message* m) const;
     // Replies to `m` once `work` completes: its value is the reply's body writer (nullptr for an
@@ -99,8 +105,34 @@ private:
         std::string who;
     };
     std::map<std::string, Peer, std::less<>> peers_;
+    // Calls that wait for their sender's credentials, per sender, in arrival order; and the
+    // GetConnectionCredentials call in flight for each such sender.
+    struct Waiting
+    {
+        sd_bus_message* m;
+        sd_bus_message_handler_t handler;
+    };
+    struct Lookup
+    {
+        Service* service;
+        std::string sender;
+        sd_bus_slot* slot = nullptr;
+        std::vector<Waiting> calls;
+    };
+    std::map<std::string, std::unique_ptr<Lookup>, std::less<>> lookups_;
+    static int on_credentials(sd_bus_message* reply, void* userdata, sd_bus_error* error);
+    void credentials_arrived(Lookup& lookup, sd_bus_message* reply);
+    Peer verdict(const std::string& sender, uid_t uid, pid_t pid) const;
     std::shared_ptr<int> life_ = std::make_shared<int>(0);
 };
+
+// A privileged method of a vtable: `H` runs once the sender's credentials are known
+// (Service::with_credentials).
+template <sd_bus_message_handler_t H>
+int credentialed(sd_bus_message* m, void* userdata, sd_bus_error* error)
+{
+    return static_cast<Service*>(userdata)->with_credentials(m, H, error);
+}
 
 // The vtables (manager.cpp, machine.cpp); userdata is the Service.
 const sd_bus_vtable* manager_vtable();

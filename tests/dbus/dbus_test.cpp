@@ -423,6 +423,60 @@ TEST_F(DbusLifecycleTest, EveryErrorNameAClientCanMeet)
         << message.err;
 }
 
+// A new client's first calls wait for its credentials (asked of the bus daemon asynchronously:
+// the loop goes on meanwhile), then run in their order, each audited with the uid and pid the
+// bus reported.
+TEST_F(DbusLifecycleTest, ANewClientsPipelinedCallsRunOnceItsCredentialsAreIn)
+{
+    ASSERT_NO_FATAL_FAILURE(start_bus_daemon());
+    ASSERT_EQ(busctl({"call", "org.qmachined1", manager, manager_iface, "CreateMachine", "ss", "f",
+                      quick_spec()})
+                  .status,
+              0);
+    ASSERT_EQ(busctl({"call", "org.qmachined1", manager, manager_iface, "StartMachine", "s", "f"})
+                  .status,
+              0);
+    const std::string path = "/org/qmachined1/machine/f";
+    struct State
+    {
+        int answered = 0;
+        std::vector<std::string> problems;
+    } st;
+    std::vector<sd_bus_slot*> slots;
+    auto done = [](sd_bus_message* r, void* userdata, sd_bus_error*) -> int {
+        auto* s = static_cast<State*>(userdata);
+        ++s->answered;
+        if (const sd_bus_error* e = sd_bus_message_get_error(r); e != nullptr) {
+            s->problems.push_back(std::string(e->name) + ": " + (e->message ? e->message : ""));
+        }
+        return 0;
+    };
+    // Nothing sent on this connection before: every call below reaches the daemon before it
+    // knows who the sender is.
+    for (int i = 0; i < 20; ++i) {
+        sd_bus_slot* slot = nullptr;
+        ASSERT_GE(sd_bus_call_method_async(client(), &slot, "org.qmachined1", path.c_str(),
+                                           machine_iface, "Execute", done, &st, "ss",
+                                           "query-status", ""),
+                  0);
+        slots.push_back(slot);
+    }
+    ASSERT_TRUE(pump_until([&] { return st.answered == 20; }, 60s)) << st.answered;
+    EXPECT_TRUE(st.problems.empty()) << st.problems.front();
+    const char* unique = nullptr;
+    ASSERT_GE(sd_bus_get_unique_name(client(), &unique), 0);
+    EXPECT_TRUE(daemon().says(fmt::format("op=qmp:query-status machine=f result=ok "
+                                          "caller=\"dbus={} uid=0 pid={}\"",
+                                          unique, ::getpid())))
+        << daemon().output();
+    EXPECT_EQ(busctl({"call", "org.qmachined1", manager, manager_iface, "KillMachine", "s", "f"})
+                  .status,
+              0);
+    for (sd_bus_slot* s : slots) {
+        sd_bus_slot_unref(s);
+    }
+}
+
 TEST_F(DbusLifecycleTest, ACallerWithoutRightsIsDeniedAndNothingChanges)
 {
     ASSERT_NO_FATAL_FAILURE(start_bus_daemon());
