@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 
 #include <fmt/format.h>
+#include <spdlog/pattern_formatter.h>
 #include <spdlog/spdlog.h>
 
 namespace qm::daemon {
@@ -109,6 +110,51 @@ void audit(const Caller& caller, std::string_view op, std::string_view machine,
            std::string_view result)
 {
     spdlog::info("{}", audit_line(caller, op, machine, result));
+}
+
+namespace {
+
+// The %* flag of the log pattern: the message, its control bytes escaped.
+class EscapedMessage final : public spdlog::custom_flag_formatter
+{
+public:
+    void format(const spdlog::details::log_msg& msg, const std::tm&,
+                spdlog::memory_buf_t& dest) override
+    {
+        const std::string_view text(msg.payload.data(), msg.payload.size());
+        std::size_t plain = 0; // start of the run of bytes copied as they are
+        for (std::size_t i = 0; i < text.size(); ++i) {
+            const auto c = static_cast<unsigned char>(text[i]);
+            if ((c >= 0x20 && c != 0x7f) || c == '\t') {
+                continue;
+            }
+            dest.append(text.data() + plain, text.data() + i);
+            if (c == '\n') {
+                dest.append(std::string_view("\\n"));
+            } else if (c == '\r') {
+                dest.append(std::string_view("\\r"));
+            } else {
+                fmt::format_to(std::back_inserter(dest), "\\x{:02x}", c);
+            }
+            plain = i + 1;
+        }
+        dest.append(text.data() + plain, text.data() + text.size());
+    }
+
+    std::unique_ptr<spdlog::custom_flag_formatter> clone() const override
+    {
+        return std::make_unique<EscapedMessage>();
+    }
+};
+
+} // namespace
+
+std::unique_ptr<spdlog::formatter> make_log_formatter(bool with_time)
+{
+    auto f = std::make_unique<spdlog::pattern_formatter>();
+    f->add_flag<EscapedMessage>('*');
+    f->set_pattern(with_time ? "%Y-%m-%d %H:%M:%S.%e %l: %*" : "%l: %*");
+    return f;
 }
 
 } // namespace qm::daemon

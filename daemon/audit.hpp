@@ -4,10 +4,15 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 
 #include <sys/types.h>
+
+namespace spdlog {
+class formatter;
+}
 
 namespace qm::daemon {
 
@@ -38,5 +43,12 @@ std::string audit_line(const Caller& caller, std::string_view op, std::string_vi
 // Logs audit_line() through spdlog at info.
 void audit(const Caller& caller, std::string_view op, std::string_view machine,
            std::string_view result);
+
+// The daemon log's formatter: "LEVEL: MESSAGE", after the time unless the journal stamps lines
+// (`with_time`). In MESSAGE a line feed, a carriage return and every other control byte but the
+// tab is escaped ("\n", "\r", "\x1b"): whatever a message quotes (a client's argument, QEMU's
+// output, a command line) stays on its own line, so no caller can write a line that looks like
+// the daemon's own (a forged audit line).
+std::unique_ptr<spdlog::formatter> make_log_formatter(bool with_time);
 
 } // namespace qm::daemon

@@ -186,13 +186,14 @@ expected<std::string> absolute_from_flag(std::string_view flag, const std::strin
 }
 
 // The settings beyond the directories and the log level: same key in the file and as a flag.
-constexpr std::array<std::string_view, 21> other_settings{
+constexpr std::array<std::string_view, 25> other_settings{
     "rest-socket",          "rest-listen",     "rest-allow-remote", "rest-token-file",
     "rest-max-connections", "rest-max-body",   "rest-request-timeout",
     "rest-max-subscribers", "shutdown-policy", "qemu-user",         "qemu-sandbox",
     "qemu-log-max",         "qmp-allow",       "qmp-deny",          "event-ring",
     "event-queue",          "bus",             "max-machines",      "qmp-timeout",
-    "image-dirs",           "machined",
+    "image-dirs",           "machined",        "rest-max-header",   "qmp-max-message",
+    "event-rate",           "event-burst",
 };
 
 bool is_other_setting(std::string_view key)
@@ -357,6 +358,24 @@ expected<void> apply_setting(Config& c, std::string_view key, const std::string&
             return fail(std::move(n).error());
         }
         (key == "event-ring" ? c.event_ring : c.event_queue) = *n;
+    } else if (key == "rest-max-header") {
+        auto n = parse_count(key, value, 1024, std::uint64_t{1} << 20);
+        if (!n) {
+            return fail(std::move(n).error());
+        }
+        c.rest_max_header = *n;
+    } else if (key == "qmp-max-message") {
+        auto n = parse_count(key, value, 65536, std::uint64_t{1} << 30);
+        if (!n) {
+            return fail(std::move(n).error());
+        }
+        c.qmp_max_message = *n;
+    } else if (key == "event-rate" || key == "event-burst") {
+        auto n = parse_count(key, value, 1, 1000000);
+        if (!n) {
+            return fail(std::move(n).error());
+        }
+        (key == "event-rate" ? c.event_rate : c.event_burst) = static_cast<double>(*n);
     } else if (key == "rest-max-body") {
         auto n = parse_count(key, value, 1024, std::uint64_t{1} << 30);
         if (!n) {
@@ -928,6 +947,8 @@ Options (each as "--option value" or "--option=value"; the last one given wins):
                        open event streams (GET /v1/events) at most (default 1024)
   --rest-max-body BYTES
                        request bodies at most (default 1048576)
+  --rest-max-header BYTES
+                       a request's line and header fields at most (default 16384)
   --rest-request-timeout SECONDS
                        a request must arrive within this (default 30)
   --shutdown-policy POLICY
@@ -954,6 +975,12 @@ Options (each as "--option value" or "--option=value"; the last one given wins):
   --event-ring N       recent events kept for resuming streams and waits (default 4096)
   --event-queue N      events a stream's reader may be behind before it is told it lagged
                          (default 1024)
+  --event-rate N       QMP events per second each machine may publish; more are dropped and
+                         counted (EVENTS_DROPPED) (default 200)
+  --event-burst N      events a machine may publish at once above that rate (default 400)
+  --qmp-max-message BYTES
+                       the largest QMP message taken from a QEMU; a longer one ends its
+                         monitor connection (the machine turns unresponsive) (default 16777216)
   --image-dirs DIR[,DIR]...
                        directories of disk images QEMU may write; under systemd,
                          qmachined-generator makes them writable in the service's sandbox

@@ -53,6 +53,12 @@ struct Config
     std::size_t event_ring = 4096;
     std::size_t event_queue = 1024;
     std::size_t rest_max_body = 1024 * 1024;
+    std::size_t rest_max_header = 16 * 1024;
+    // QEMU's side: the largest QMP message taken (a longer one ends the monitor connection), and
+    // each machine's QMP event rate limit (events per second, and the burst allowed above it).
+    std::size_t qmp_max_message = std::size_t{16} << 20;
+    double event_rate = 200;
+    double event_burst = 400;
     std::chrono::milliseconds rest_request_timeout{30000};
 
     // Machines and QEMU (keys shutdown-policy, qemu-*, qmp-*; see usage()).

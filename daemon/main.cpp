@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <csignal>
 #include <cstdio>
@@ -23,6 +24,7 @@
 #include <spdlog/spdlog.h>
 
 #include "daemon/activation.hpp"
+#include "daemon/audit.hpp"
 #include "daemon/config.hpp"
 #include "daemon/dbus/service.hpp"
 #include "daemon/machined.hpp"
@@ -46,11 +48,7 @@ void setup_logging(spdlog::level::level_enum level)
 {
     auto logger = spdlog::stderr_color_mt("qmachined");
     // Under systemd the journal stamps each line; elsewhere the time helps.
-    if (std::getenv("JOURNAL_STREAM") != nullptr) {
-        logger->set_pattern("%l: %v");
-    } else {
-        logger->set_pattern("%Y-%m-%d %H:%M:%S.%e %l: %v");
-    }
+    logger->set_formatter(qm::daemon::make_log_formatter(std::getenv("JOURNAL_STREAM") == nullptr));
     spdlog::set_default_logger(logger);
     spdlog::set_level(level);
 }
@@ -115,8 +113,11 @@ int lock_runtime_dir(const std::string& dir)
 }
 
 // The credentials QEMU runs with: the configured user's when qmachined runs as root, else
-// qmachined's own (nullopt). errc::invalid_argument when the user does not exist.
-qm::expected<void> resolve_qemu_user(const Config& config, qm::daemon::SupervisorOptions& options)
+// qmachined's own (nullopt). errc::invalid_argument when the user does not exist, is root or is
+// a member of `admin_group` (qmachined's own group: a QEMU taken over by its guest could then
+// drive qmachined through its REST socket and D-Bus API).
+qm::expected<void> resolve_qemu_user(const Config& config, qm::daemon::SupervisorOptions& options,
+                                     std::optional<gid_t> admin_group)
 {
     if (::geteuid() != 0 || config.qemu_user.empty()) {
         if (!config.qemu_user.empty()) {
@@ -149,6 +150,15 @@ qm::expected<void> resolve_qemu_user(const Config& config, qm::daemon::Superviso
         ::getgrouplist(pw.pw_name, pw.pw_gid, groups.data(), &count);
     }
     groups.resize(static_cast<std::size_t>(std::max(count, 0)));
+    if (admin_group && (pw.pw_gid == *admin_group ||
+                        std::find(groups.begin(), groups.end(), *admin_group) != groups.end())) {
+        return qm::fail(qm::errc::invalid_argument,
+                        fmt::format("qemu-user '{}' is a member of the group qmachined, whose "
+                                    "members control qmachined: a QEMU taken over by its guest "
+                                    "could drive every machine. Remove it from the group (gpasswd "
+                                    "-d {} qmachined) or set another qemu-user",
+                                    config.qemu_user, config.qemu_user));
+    }
     options.qemu_uid = pw.pw_uid;
     options.qemu_gid = pw.pw_gid;
     options.qemu_groups = std::move(groups);
@@ -394,6 +404,7 @@ private:
         }
         options.max_connections = config_.rest_max_connections;
         options.max_body = config_.rest_max_body;
+        options.max_header = config_.rest_max_header;
         options.request_timeout = config_.rest_request_timeout;
         options.server_header = fmt::format("qmachined/{}", version);
         if (activated_.tcp_fd >= 0) {
@@ -654,7 +665,10 @@ int main(int argc, char** argv)
     options.qmp_timeout = config.qmp_timeout;
     options.events.ring_capacity = config.event_ring;
     options.events.subscriber_queue = config.event_queue;
-    if (auto user = resolve_qemu_user(config, options); !user) {
+    options.events.qmp_rate_per_s = config.event_rate;
+    options.events.qmp_burst = config.event_burst;
+    options.qmp_max_message = config.qmp_max_message;
+    if (auto user = resolve_qemu_user(config, options, admin_group); !user) {
         spdlog::critical("Failed to start: {}", user.error().message);
         ::close(lock_fd);
         return 1;

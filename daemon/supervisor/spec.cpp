@@ -389,19 +389,22 @@ expected<void> check_values(const json::Value& v, const rapidjson::Value& node,
 
 // Options qmachined sets itself, or that would take the machine out of its hands. Sorted (looked
 // up with binary_search), without the leading dashes.
-constexpr std::array<std::string_view, 12> managed_options{
-    "add-fd",     // passes host descriptors to QEMU: qmachined owns fd passing
-    "chroot",     // changes QEMU's root: qmachined decides where QEMU runs
-    "daemonize",  // QEMU would detach from its supervisor
-    "mon",        // a second monitor, outside the QMP policy
-    "monitor",    // the same
-    "name",       // qmachined names the process (and its guest) itself
-    "pidfile",    // writes a file on the host wherever the spec says
-    "qmp",        // a second QMP monitor, outside the QMP policy
-    "qmp-pretty", // the same
-    "runas",      // changes QEMU's user: qmachined decides who QEMU runs as
-    "sandbox",    // qmachined sets QEMU's seccomp sandbox; a spec must not relax it
-    "uuid",       // the spec's uuid field is the machine's identity; qmachined passes it
+constexpr std::array<std::string_view, 15> managed_options{
+    "add-fd",      // passes host descriptors to QEMU: qmachined owns fd passing
+    "chroot",      // changes QEMU's root: qmachined decides where QEMU runs
+    "daemonize",   // QEMU would detach from its supervisor
+    "mon",         // a second monitor, outside the QMP policy
+    "monitor",     // the same
+    "name",        // qmachined names the process (and its guest) itself
+    "pidfile",     // writes a file on the host wherever the spec says
+    "qmp",         // a second QMP monitor, outside the QMP policy
+    "qmp-pretty",  // the same
+    "readconfig",  // a file's [mon] and [chardev] sections: monitors outside the QMP policy
+    "runas",       // changes QEMU's user: qmachined decides who QEMU runs as
+    "sandbox",     // qmachined sets QEMU's seccomp sandbox; a spec must not relax it
+    "set",         // edits any option group, qmachined's own monitor and console chardevs too
+    "uuid",        // the spec's uuid field is the machine's identity; qmachined passes it
+    "writeconfig", // writes the whole configuration, qmachined's part included, to a file
 };
 static_assert(std::is_sorted(managed_options.begin(), managed_options.end()));
 
@@ -462,6 +465,15 @@ expected<void> check_args(const std::vector<std::string>& args)
             return fail(errc::invalid_argument,
                         fmt::format("spec.args[{}]: '{} exec:' is managed by qmachined", i + 1,
                                     printable(args[i])));
+        }
+        // "mon:" multiplexes a human monitor (HMP) onto the device's character device: a
+        // monitor outside the QMP policy (human-monitor-command by another door).
+        if ((option == "serial" || option == "parallel" || option == "virtioconsole" ||
+             option == "debugcon") &&
+            value.starts_with("mon:")) {
+            return fail(errc::invalid_argument,
+                        fmt::format("spec.args[{}]: '{} mon:' (a monitor) is managed by qmachined",
+                                    i + 1, printable(args[i])));
         }
         if (option == "chardev") {
             for (const auto& id : opts_values(value, "id")) {

@@ -1454,6 +1454,7 @@ std::shared_ptr<Machine> Supervisor::make_machine(Entry& e)
     config.log_dir = e.dir;
     config.qmp_timer = options_.launch_timeout;
     config.event_queue_limit = 0; // every event goes to the bus through on_event
+    config.qmp_max_message = options_.qmp_max_message;
     config.console_ring_size = spec.console.ring_size;
     config.console_log_max = spec.console.log_size;
     // QEMU gets its sockets and the console log as descriptors: it needs no access to the
@@ -1469,6 +1470,9 @@ std::shared_ptr<Machine> Supervisor::make_machine(Entry& e)
         config.args.emplace_back("-sandbox");
         config.args.emplace_back(sandbox_option);
     }
+    // The machine's identity is the guest's too (SMBIOS system UUID, QMP query-uuid).
+    config.args.emplace_back("-uuid");
+    config.args.push_back(spec.uuid);
     if (spec.memory_mib) {
         config.args.emplace_back("-m");
         config.args.push_back(std::to_string(*spec.memory_mib));

@@ -125,6 +125,8 @@ struct SupervisorOptions
     // The liveness probe's query-status, after a command overran its deadline.
     std::chrono::milliseconds probe_timeout = 5s;
     // How many machines may exist.
+    // The largest QMP message accepted from a QEMU (setting qmp-max-message).
+    std::size_t qmp_max_message = std::size_t{16} << 20;
     std::size_t max_machines = 4096;
     // A machine with a restart policy that stays unresponsive this long is killed, and its
     // policy restarts it (on-failure counts it as a failure).

@@ -736,6 +736,7 @@ awaitable<expected<void>> Machine::negotiate(qmp::Socket socket,
     client_options.name = config_.name;
     client_options.greeting_timeout = greeting_timeout;
     client_options.event_queue_limit = config_.event_queue_limit;
+    client_options.max_message_size = config_.qmp_max_message;
     client_ = qmp::Client::create(ex, std::move(client_options));
     client_->subscribe([this, life = std::weak_ptr<int>(life_)](const qmp::Event& e) {
         if (!life.expired()) {

@@ -72,6 +72,9 @@ struct MachineConfig
     // Beyond the seed: how many received events are kept for get_qmp_event(s)/event_wait (the
     // oldest dropped beyond it). A supervisor that takes every event through on_event() sets 0.
     std::size_t event_queue_limit = 1024;
+    // Beyond the seed: the largest QMP message accepted from QEMU; a longer one ends the
+    // connection (the machine turns unresponsive).
+    std::size_t qmp_max_message = std::size_t{16} << 20;
     // Append to QEMU's log rather than truncating it (the seed truncates).
     bool log_append = false;
     // Beyond the seed: QEMU serves the monitor and the console on unix sockets the machine binds

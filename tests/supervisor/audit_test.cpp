@@ -12,6 +12,7 @@
 
 #include <fmt/format.h>
 #include <gtest/gtest.h>
+#include <spdlog/pattern_formatter.h>
 #include <spdlog/sinks/ringbuffer_sink.h>
 #include <spdlog/spdlog.h>
 
@@ -100,6 +101,29 @@ TEST(Audit, LogsOneInfoLine)
     ASSERT_EQ(lines.size(), 1u);
     const std::string line = lines[0].substr(0, lines[0].find_last_not_of("\r\n") + 1);
     EXPECT_EQ(line, R"(info audit: op=kill machine=vm result=StateConflict caller="uid=0 pid=1")");
+}
+
+// Whatever a message quotes (a spec argument with a line feed, QEMU's output) cannot start a line
+// of its own: a forged audit line stays inside the line that quotes it.
+TEST(LogFormat, ControlBytesInAMessageAreEscaped)
+{
+    auto sink = std::make_shared<spdlog::sinks::ringbuffer_sink_mt>(16);
+    sink->set_formatter(make_log_formatter(false));
+    auto logger = std::make_shared<spdlog::logger>("format_test", sink);
+    logger->error("Failed to start 'vm': qemu-system-x86_64 -smbios \"x\ninfo: audit: op=delete "
+                  "machine=web1 result=ok caller=\"uid=0 pid=1\"\"\r\x1b[2K\ttab\x7f ünïcode");
+    logger->info("plain");
+    const auto lines = sink->last_formatted();
+    ASSERT_EQ(lines.size(), 2u);
+    EXPECT_EQ(lines[0], "error: Failed to start 'vm': qemu-system-x86_64 -smbios \"x\\ninfo: "
+                        "audit: op=delete machine=web1 result=ok caller=\"uid=0 pid=1\"\"\\r"
+                        "\\x1b[2K\ttab\\x7f ünïcode\n");
+    EXPECT_EQ(lines[1], "info: plain\n");
+    auto timed = make_log_formatter(true);
+    spdlog::memory_buf_t out;
+    spdlog::details::log_msg msg("t", spdlog::level::warn, "a\nb");
+    timed->format(msg, out);
+    EXPECT_TRUE(fmt::to_string(out).ends_with(" warning: a\\nb\n")) << fmt::to_string(out);
 }
 
 } // namespace

@@ -545,6 +545,19 @@ TEST(RestSettingsTest, FlagsInBothSpellings)
     EXPECT_EQ(r->config.rest_request_timeout, std::chrono::milliseconds(500));
     auto none = parse({"--rest-socket", "none"});
     ASSERT_TRUE(none);
+    EXPECT_EQ(none->config.rest_max_header, 16u * 1024u);
+    EXPECT_EQ(none->config.qmp_max_message, 16u << 20);
+    EXPECT_EQ(none->config.event_rate, 200.0);
+    EXPECT_EQ(none->config.event_burst, 400.0);
+    auto limits = parse({"--rest-max-header=2048", "--qmp-max-message", "65536",
+                         "--event-rate=10", "--event-burst", "20"});
+    ASSERT_TRUE(limits) << describe(limits.error());
+    EXPECT_EQ(limits->config.rest_max_header, 2048u);
+    EXPECT_EQ(limits->config.qmp_max_message, 65536u);
+    EXPECT_EQ(limits->config.event_rate, 10.0);
+    EXPECT_EQ(limits->config.event_burst, 20.0);
+    none = parse({"--rest-socket", "none"});
+    ASSERT_TRUE(none);
     EXPECT_EQ(rest_socket_path(none->config), "");
 }
 
@@ -574,6 +587,12 @@ TEST(RestSettingsTest, BadValuesAreRefusedWithTheirKey)
         {{"--rest-request-timeout", "0"},
          "--rest-request-timeout: '0' is not a number of seconds from 0.05 to 3600"},
         {{"--rest-allow-remote=maybe"}, "--rest-allow-remote: 'maybe' is not true or false"},
+        {{"--rest-max-header", "512"},
+         "--rest-max-header: '512' is not a whole number from 1024 to 1048576"},
+        {{"--qmp-max-message", "1k"},
+         "--qmp-max-message: '1k' is not a whole number from 65536 to 1073741824"},
+        {{"--event-rate", "0"}, "--event-rate: '0' is not a whole number from 1 to 1000000"},
+        {{"--event-burst=-1"}, "--event-burst: '-1' is not a whole number from 1 to 1000000"},
     };
     for (const auto& [args, message] : cases) {
         EXPECT_EQ(error_of(parse(args)), message);

@@ -525,7 +525,8 @@ TEST(Spec, BackoffMaxIsNotBelowInitial)
 TEST(Spec, ManagedArgsAreRefused)
 {
     for (const std::string option : {"daemonize", "qmp", "qmp-pretty", "monitor", "mon", "name",
-                                     "runas", "chroot", "pidfile", "sandbox", "uuid", "add-fd"}) {
+                                     "runas", "chroot", "pidfile", "sandbox", "uuid", "add-fd",
+                                     "readconfig", "writeconfig", "set"}) {
         for (const std::string dashes : {"-", "--"}) {
             const std::string arg = dashes + option;
             SCOPED_TRACE(arg);
@@ -565,6 +566,17 @@ TEST(Spec, ManagedValuesAreRefused)
          "spec.args[1]: chardev id 'mon' is reserved for qmachined"},
         {{"-chardev", "file,,x,id=mon,path=/x"},
          "spec.args[1]: chardev id 'mon' is reserved for qmachined"},
+        {{"-chardev", "null,id=mon-launch"},
+         "spec.args[1]: chardev id 'mon-launch' is reserved for qmachined"},
+        // A human monitor multiplexed onto a device: outside the QMP policy.
+        {{"-serial", "mon:unix:/tmp/hmp,server=on,wait=off"},
+         "spec.args[1]: '-serial mon:' (a monitor) is managed by qmachined"},
+        {{"-m", "64", "--parallel", "mon:stdio"},
+         "spec.args[3]: '--parallel mon:' (a monitor) is managed by qmachined"},
+        {{"-virtioconsole", "mon:null"},
+         "spec.args[1]: '-virtioconsole mon:' (a monitor) is managed by qmachined"},
+        {{"-debugcon", "mon:stdio"},
+         "spec.args[1]: '-debugcon mon:' (a monitor) is managed by qmachined"},
     };
     for (const auto& c : cases) {
         SCOPED_TRACE(testing::PrintToString(c.args));
@@ -592,6 +604,11 @@ TEST(Spec, NearMissesOfManagedValuesPass)
              {"-chardev", "file,id=log,path=/x,,id=mon"},
              {"-chardev", "mon"},
              {"-device", "isa-serial,chardev=mon2"},
+             // A device on a character device that is no monitor.
+             {"-serial", "unix:/tmp/s,server=on,wait=off"},
+             {"-serial", "chardev:mon2"},
+             {"-parallel", "none"},
+             {"-append", "mon:x"},
              {"-S", "-chardev"},
              {"-incoming"},
          }) {
