@@ -161,6 +161,12 @@ int Service::authorize(sd_bus_message* m, sd_bus_error* error, std::string_view 
         // connection; the verdict is remembered (unique names are never reused on a bus).
         // The call waits in ppoll(), which a signal (SIGCHLD when a QEMU exits) interrupts:
         // sd-bus then gives up with -EINTR; ask again.
+        // Bounded: a bus daemon that does not answer stalls the loop 1 s at most, not sd-bus's
+        // default 25 s.
+        sd_bus* b = bus_->get();
+        std::uint64_t usual_timeout = 0;
+        const bool bounded = sd_bus_get_method_call_timeout(b, &usual_timeout) >= 0 &&
+                             sd_bus_set_method_call_timeout(b, 1000000) >= 0;
         sd_bus_creds* creds = nullptr;
         int r = -EINTR;
         for (int attempt = 0; attempt < 5 && r == -EINTR; ++attempt) {
@@ -169,6 +175,9 @@ int Service::authorize(sd_bus_message* m, sd_bus_error* error, std::string_view 
                                               SD_BUS_CREDS_SUPPLEMENTARY_GIDS | SD_BUS_CREDS_PID |
                                               SD_BUS_CREDS_AUGMENT,
                                           &creds);
+        }
+        if (bounded) {
+            sd_bus_set_method_call_timeout(b, usual_timeout);
         }
         if (r < 0) {
             return sd_bus_error_set_errnof(error, -r, "cannot read the caller's credentials: %s",

@@ -122,14 +122,16 @@ protected:
     }
 
     // dbus-send --print-reply (it names errors: "Error org.qmachined1.Error.X: message"), as
-    // `uid` when given (setpriv, no groups).
+    // `uid` when given (setpriv: its primary group the same number, no supplementary groups but
+    // `groups`, a comma-separated list of gids).
     CommandResult dbus_send(const std::string& path, const std::string& method,
-                            std::vector<std::string> args, std::optional<uid_t> uid = {})
+                            std::vector<std::string> args, std::optional<uid_t> uid = {},
+                            const std::string& groups = {})
     {
         std::vector<std::string> argv;
         if (uid) {
             argv = {"setpriv", fmt::format("--reuid={}", *uid), fmt::format("--regid={}", *uid),
-                    "--clear-groups"};
+                    groups.empty() ? std::string("--clear-groups") : "--groups=" + groups};
         }
         argv.insert(argv.end(), {"dbus-send", "--bus=" + bus_address(), "--print-reply",
                                  "--reply-timeout=60000", "--dest=org.qmachined1", path, method});

@@ -5,6 +5,7 @@
 // name a client can meet, and a caller without rights refused with nothing changed.
 #include <systemd/sd-bus.h>
 
+#include <grp.h>
 #include <signal.h>
 
 #include <chrono>
@@ -475,6 +476,37 @@ TEST_F(DbusLifecycleTest, ANewClientsPipelinedCallsRunOnceItsCredentialsAreIn)
     for (sd_bus_slot* s : slots) {
         sd_bus_slot_unref(s);
     }
+}
+
+// The allowed side of the daemon's own check: a caller whose supplementary groups hold the
+// group qmachined may do what root may (the bus here is permissive: only the daemon decides).
+TEST_F(DbusLifecycleTest, AMemberOfTheGroupQmachinedMayChangeThings)
+{
+    const group* g = ::getgrnam("qmachined");
+    ASSERT_NE(g, nullptr) << "the group qmachined (scripts/deps applies sysusers.d)";
+    const std::string gid = std::to_string(g->gr_gid);
+    ASSERT_NO_FATAL_FAILURE(start_bus_daemon());
+    CommandResult made = dbus_send(manager, "org.qmachined1.Manager.CreateMachine",
+                                   {"string:g", "string:" + quick_spec()}, nobody, gid);
+    EXPECT_EQ(made.status, 0) << made.err << made.out;
+    CommandResult log = dbus_send("/org/qmachined1/machine/g", "org.qmachined1.Machine.GetLog",
+                                  {"uint32:10"}, nobody, "100," + gid);
+    EXPECT_EQ(log.status, 0) << log.err << log.out;
+    CommandResult spec = dbus_send("/org/qmachined1/machine/g",
+                                   "org.freedesktop.DBus.Properties.Get",
+                                   {"string:org.qmachined1.Machine", "string:Spec"}, nobody, gid);
+    EXPECT_NE(spec.out.find("qemu-system-x86_64"), std::string::npos) << spec.err << spec.out;
+    CommandResult removed = dbus_send(manager, "org.qmachined1.Manager.DeleteMachine",
+                                      {"string:g", "boolean:true"}, nobody, gid);
+    EXPECT_EQ(removed.status, 0) << removed.err << removed.out;
+    EXPECT_TRUE(daemon().says(fmt::format("op=create machine=g result=ok caller=\"dbus=")))
+        << daemon().output();
+    EXPECT_TRUE(daemon().says(fmt::format("uid={} ", nobody))) << daemon().output();
+    // Without the group, the same caller is refused.
+    CommandResult denied = dbus_send(manager, "org.qmachined1.Manager.CreateMachine",
+                                     {"string:h", "string:" + quick_spec()}, nobody, "100");
+    EXPECT_NE(denied.err.find("org.qmachined1.Error.AccessDenied"), std::string::npos)
+        << denied.err << denied.out;
 }
 
 TEST_F(DbusLifecycleTest, ACallerWithoutRightsIsDeniedAndNothingChanges)
