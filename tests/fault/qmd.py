@@ -106,6 +106,12 @@ def fd_count(pid):
         return 0
 
 
+def cpu_seconds(pid):
+    """User + system CPU time the process used so far."""
+    fields = proc_stat(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
