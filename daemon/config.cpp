@@ -942,7 +942,8 @@ Options (each as "--option value" or "--option=value"; the last one given wins):
                        the TCP listener's token (generated there, mode 0600, when absent)
                          default: STATE-DIR/rest.token
   --rest-max-connections N
-                       open REST connections at most (default 1024)
+                       open REST connections at most, on each listener (the unix socket
+                         and TCP count apart) (default 1024)
   --rest-max-subscribers N
                        open event streams (GET /v1/events) at most (default 1024)
   --rest-max-body BYTES

@@ -12,7 +12,6 @@
 #include <array>
 #include <cerrno>
 #include <cstring>
-#include <limits>
 #include <type_traits>
 
 #include <fmt/format.h>
@@ -20,6 +19,7 @@
 
 #include "daemon/audit.hpp"
 #include "daemon/rest/beast.hpp"
+#include "daemon/rest/http_request.hpp"
 #include "daemon/rest/stream.hpp"
 #include "libmachine/deadline.hpp"
 
@@ -61,24 +61,6 @@ std::string_view trim(std::string_view s)
     return s;
 }
 
-// Beast 1.74 speaks boost::string_view.
-std::string_view sv(beast::string_view s)
-{
-    return {s.data(), s.size()};
-}
-
-bool iequals(std::string_view a, std::string_view b)
-{
-    if (a.size() != b.size()) {
-        return false;
-    }
-    for (std::size_t i = 0; i < a.size(); ++i) {
-        if (std::tolower(static_cast<unsigned char>(a[i])) != std::tolower(static_cast<unsigned char>(b[i]))) {
-            return false;
-        }
-    }
-    return true;
-}
 
 // After an answer sent before the request was read to its end (413, 431, 408, 400): stop sending,
 // then read and drop what the client still sends, for a while, before the caller closes. Closing
@@ -438,6 +420,14 @@ void Server::close()
     }
 }
 
+void Server::forget(std::uint64_t id)
+{
+    if (auto it = sessions_.find(id); it != sessions_.end()) {
+        tcp_sessions_ -= it->second.tcp ? 1 : 0;
+        sessions_.erase(it);
+    }
+}
+
 bool Server::authorized(std::string_view header) const noexcept
 {
     // RFC 6750 2.1: "Bearer" (any case), one space, the token.
@@ -466,7 +456,8 @@ awaitable<void> Server::accept_loop(typename Protocol::acceptor& acceptor, bool 
             co_await pause.async_wait(use_ec(ec));
             continue;
         }
-        if (sessions_.size() >= options_.max_connections) {
+        constexpr bool tcp = !std::is_same_v<Protocol, asio::local::stream_protocol>;
+        if ((tcp ? tcp_sessions_ : sessions_.size() - tcp_sessions_) >= options_.max_connections) {
             asio::co_spawn(ioc_, refuse<Protocol>(std::move(socket)), asio::detached);
             continue;
         }
@@ -532,6 +523,8 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
         error_code ignored;
         socket.cancel(ignored);
     };
+    slot.tcp = !std::is_same_v<Protocol, asio::local::stream_protocol>;
+    tcp_sessions_ += slot.tcp ? 1 : 0;
     sessions_.emplace(id, std::move(slot));
     if (!sweeping_) {
         sweeping_ = true;
@@ -541,32 +534,19 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
             }
         });
     }
+    const RequestLimits limits{options_.max_header, options_.max_body};
     beast::flat_buffer buffer;
     error_code ec;
     while (!closed_) {
-        http::request_parser<http::string_body> parser;
-        parser.header_limit(static_cast<std::uint32_t>(options_.max_header));
-        // On TCP the limit applies once the token is checked: an anonymous client learns nothing
-        // but 401 (our own check below refuses a long Content-Length before any body is read).
-        if (needs_token) {
-            // Not boost::none: Beast 1.74 compares `len > body_limit_` with the optional, and a
-            // none optional is less than every length.
-            parser.body_limit(std::numeric_limits<std::uint64_t>::max());
-        } else {
-            parser.body_limit(options_.max_body);
-        }
+        // The parsing, checks and conversion are http_request.hpp's (the rest fuzz target runs
+        // them too); the reads, the token, the deadlines and the answers are the session's.
+        RequestParser parser;
+        limit_parser(parser, limits, needs_token);
         timed_out = false;
         set_deadline(id, options_.request_timeout);
         co_await http::async_read_header(socket, buffer, parser, use_ec(ec));
         if (!ec) {
-            const auto& head = parser.get();
-            // RFC 9112 6.3: a Transfer-Encoding whose last coding is not chunked leaves the body
-            // length unknown (request smuggling): 400 and close. RFC 9112 3.2: HTTP/1.1 needs Host.
-            if (head.find(http::field::transfer_encoding) != head.end() && !parser.chunked()) {
-                ec = http::error::bad_transfer_encoding;
-            } else if (head.version() >= 11 && head.find(http::field::host) == head.end()) {
-                ec = http::error::bad_field;
-            }
+            ec = check_header(parser);
         }
         // An unauthenticated request is answered from its header: its body is never read.
         bool unauthorized = false;
@@ -574,18 +554,13 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
             unauthorized = !authorized(sv(parser.get()[http::field::authorization]));
         }
         if (!ec && !unauthorized) {
-            const auto& head = parser.get();
-            const auto length = parser.content_length();
-            if (length && *length > options_.max_body) {
-                ec = http::error::body_limit;
-            } else if (iequals(sv(head[http::field::expect]), "100-continue") && !parser.is_done()) {
+            ec = admit_body(parser, limits);
+            if (!ec && iequals(sv(parser.get()[http::field::expect]), "100-continue") &&
+                !parser.is_done()) {
                 // RFC 9110 10.1.1: the client waits for this before sending the body.
                 http::response<http::empty_body> go_on{http::status::continue_, 11};
                 co_await http::async_write(socket, go_on, use_ec(ec));
             }
-        }
-        if (!ec && !unauthorized && needs_token) {
-            parser.body_limit(options_.max_body);
         }
         if (!ec && !unauthorized && !parser.is_done()) {
             co_await http::async_read(socket, buffer, parser, use_ec(ec));
@@ -612,18 +587,8 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
                                            fmt::format("the request did not arrive within {} ms",
                                                        options_.request_timeout.count()));
                 }
-            } else if (ec == http::error::body_limit) {
-                problem = make_problem(HttpProblem::payload_too_large,
-                                       fmt::format("the body is larger than {} bytes",
-                                                   options_.max_body));
-            } else if (ec == http::error::header_limit) {
-                problem = make_problem(HttpProblem::header_fields_too_large,
-                                       fmt::format("the request header is larger than {} bytes",
-                                                   options_.max_header));
-            } else if (ec.category() == http::make_error_code(http::error::bad_target).category() &&
-                       ec != http::error::end_of_stream && ec != http::error::partial_message) {
-                problem = make_problem(errc::invalid_argument,
-                                       "malformed HTTP request: " + ec.message());
+            } else {
+                problem = read_problem(ec, limits);
             }
             if (problem) {
                 spdlog::debug("REST connection {}: {} ({})", id, problem->detail, ec.message());
@@ -645,19 +610,7 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
         const auto started = Clock::now();
         Response response;
         {
-            Request request;
-            request.method = std::string(msg.method_string());
-            request.target = std::string(msg.target());
-            request.content_type = std::string(msg[http::field::content_type]);
-            if (auto it = msg.find(http::field::if_match); it != msg.end()) {
-                request.if_match = std::string(it->value());
-            }
-            request.body = std::move(msg.body());
-            if (auto it = msg.find("Last-Event-ID"); it != msg.end()) {
-                request.last_event_id = std::string(it->value());
-            }
-            request.websocket = iequals(sv(msg[http::field::upgrade]), "websocket");
-            request.caller = caller;
+            Request request = to_request(msg, caller);
             try {
                 response = co_await api_.handle(std::move(request));
             } catch (const std::exception& e) {
@@ -694,7 +647,7 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
             }
             co_await response.stream(conn);
             if (!alive.expired()) {
-                sessions_.erase(id);
+                forget(id);
             }
             error_code ignored;
             conn.socket.close(ignored);
@@ -741,7 +694,7 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
         }
     }
     if (!alive.expired()) {
-        sessions_.erase(id);
+        forget(id);
         socket.shutdown(asio::socket_base::shutdown_send, ec);
         socket.close(ec);
     }

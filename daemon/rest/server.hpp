@@ -40,6 +40,7 @@ struct ServerOptions
     int unix_fd = -1;
     int tcp_fd = -1;
     std::string token;
+    // Open connections at most, for each listener (the unix socket and TCP count apart).
     std::size_t max_connections = 1024;
     std::size_t max_body = 1024 * 1024;
     std::size_t max_header = 16 * 1024;
@@ -99,7 +100,10 @@ private:
         std::function<void()> close;   // cancel and close the socket
         std::function<void()> expire;  // the deadline passed: flag it, cancel the socket
         std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
+        bool tcp = false; // came through the TCP listener
     };
+    // Drops the session's slot (and its count).
+    void forget(std::uint64_t id);
     // One timer for every connection's deadline (a per-request timer reprogrammed the loop's
     // timerfd three times per request; rest-bench measured it). It runs only while connections
     // are open, every sweep_period(); deadlines are kept to within that period.
@@ -123,6 +127,9 @@ private:
     std::vector<RouteMeters> route_meters_;
     std::uint64_t collector_ = 0;
     std::map<std::uint64_t, Slot> sessions_;
+    // Of sessions_, those of the TCP listener: each listener has max_connections of its own, so
+    // clients of the port (who may not even hold the token) cannot take the unix socket's.
+    std::size_t tcp_sessions_ = 0;
     asio::steady_timer sweep_timer_;
     bool sweeping_ = false;
     std::uint64_t next_session_ = 1;

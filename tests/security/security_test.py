@@ -220,6 +220,50 @@ def limits(work):
             os.kill(pid, signal.SIGKILL)
 
 
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def tcp_slots(work):
+    """Clients of the TCP port, token or not, cannot take the unix socket's connections."""
+    port = free_port()
+    d = Daemon(QMACHINED, os.path.join(work, "tcp"),
+               ["--rest-listen", f"127.0.0.1:{port}", "--rest-max-connections", "4"]).start()
+    held = []
+    try:
+        for _ in range(4):  # connected, saying nothing (no token either)
+            held.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        time.sleep(0.2)
+        extra = socket.create_connection(("127.0.0.1", port), timeout=10)
+        extra.settimeout(5)
+        answer = b""
+        try:
+            while b"\r\n\r\n" not in answer:
+                chunk = extra.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+        except OSError:
+            pass
+        extra.close()
+        check(answer.startswith(b"HTTP/1.1 429"),
+              "--rest-max-connections 4: a fifth TCP connection gets 429", answer[:200])
+        c = d.client()
+        results_ok = [c.request("GET", "/v1/health")[0] for _ in range(3)]
+        c.close()
+        check(results_ok == [200, 200, 200],
+              "meanwhile the unix socket still serves (each listener has its own limit)",
+              str(results_ok))
+    finally:
+        for s in held:
+            s.close()
+        d.stop()
+
+
 def qemu_user(work):
     d = Daemon(QMACHINED, os.path.join(work, "root-user"))
     argv = [a for a in d.args()]
@@ -269,7 +313,7 @@ def main():
     ok = False
     try:
         for name, section in [("shell", shell_and_log), ("limits", limits),
-                              ("qemu-user", qemu_user)]:
+                              ("tcp", tcp_slots), ("qemu-user", qemu_user)]:
             try:
                 section(work)
             except Exception:  # noqa: BLE001: a crash is a failed point, with its traceback
