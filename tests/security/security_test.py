@@ -117,6 +117,40 @@ def shell_and_log(work):
             os.kill(pid, signal.SIGKILL)
 
 
+def audit_lines(work):
+    """Every mutating call leaves its audit line, whatever the operation."""
+    d = Daemon(QMACHINED, os.path.join(work, "audit")).start()
+    c = d.client()
+    try:
+        calls = [("POST", "/v1/machines", {"name": "au", "spec": QUICK}, "create"),
+                 ("POST", "/v1/machines/au/start", None, "start"),
+                 ("POST", "/v1/machines/au/pause", None, "pause"),
+                 ("POST", "/v1/machines/au/resume", None, "resume"),
+                 ("POST", "/v1/machines/au/restart", None, "restart"),
+                 ("POST", "/v1/machines/au/qmp", {"execute": "query-status"}, "qmp:query-status"),
+                 ("POST", "/v1/stop-all", {"concurrency": 2}, "stop-all"),
+                 ("PUT", "/v1/machines/au/spec", dict(QUICK, memory_mib=64), "update"),
+                 ("POST", "/v1/machines/au/kill", None, "kill"),
+                 ("DELETE", "/v1/machines/au", None, "delete")]
+        statuses = []
+        for method, target, body, _ in calls:
+            headers = {"If-Match": "1"} if method == "PUT" else None
+            statuses.append(c.request(method, target, body, headers)[0])
+        out = d.output()
+        missing = [op for _, _, _, op in calls
+                   if not re.search(rf"audit: op={re.escape(op)} machine=(au|\S*) result=\S+ "
+                                    r'caller="uid=0 pid=\d+"', out)]
+        check(not missing and statuses[:8] == [201, 200, 200, 200, 200, 200, 200, 200],
+              "every mutating call leaves one audit line (create, start, pause, resume, restart, "
+              "qmp, stop-all, update, kill, delete)", f"missing {missing}, statuses {statuses}\n" +
+              "\n".join(l for l in out.splitlines() if "audit:" in l))
+    finally:
+        c.close()
+        d.stop()
+        for pid in d.qemus():
+            os.kill(pid, signal.SIGKILL)
+
+
 def limits(work):
     d = Daemon(QMACHINED, os.path.join(work, "limits"),
                ["--max-machines", "4", "--rest-max-subscribers", "2", "--rest-max-body", "1024",
@@ -312,7 +346,7 @@ def main():
     os.chmod(work, 0o755)
     ok = False
     try:
-        for name, section in [("shell", shell_and_log), ("limits", limits),
+        for name, section in [("shell", shell_and_log), ("audit", audit_lines), ("limits", limits),
                               ("tcp", tcp_slots), ("qemu-user", qemu_user)]:
             try:
                 section(work)
