@@ -171,9 +171,8 @@ int Service::authorize(sd_bus_message* m, sd_bus_error* error, std::string_view 
         int r = -EINTR;
         for (int attempt = 0; attempt < 5 && r == -EINTR; ++attempt) {
             r = sd_bus_query_sender_creds(m,
-                                          SD_BUS_CREDS_UID | SD_BUS_CREDS_EUID | SD_BUS_CREDS_GID |
-                                              SD_BUS_CREDS_SUPPLEMENTARY_GIDS | SD_BUS_CREDS_PID |
-                                              SD_BUS_CREDS_AUGMENT,
+                                          SD_BUS_CREDS_UID | SD_BUS_CREDS_EUID |
+                                              SD_BUS_CREDS_PID | SD_BUS_CREDS_AUGMENT,
                                           &creds);
         }
         if (bounded) {
@@ -189,28 +188,8 @@ int Service::authorize(sd_bus_message* m, sd_bus_error* error, std::string_view 
         }
         pid_t pid = 0;
         (void)sd_bus_creds_get_pid(creds, &pid);
-        Peer peer;
-        peer.allowed = uid == 0 || uid == ::geteuid();
-        if (!peer.allowed && options_.admin_group) {
-            gid_t gid = 0;
-            if (sd_bus_creds_get_gid(creds, &gid) >= 0 && gid == *options_.admin_group) {
-                peer.allowed = true;
-            }
-            const gid_t* gids = nullptr;
-            const int n = sd_bus_creds_get_supplementary_gids(creds, &gids);
-            for (int i = 0; i < n && !peer.allowed; ++i) {
-                peer.allowed = gids[i] == *options_.admin_group;
-            }
-        }
         sd_bus_creds_unref(creds);
-        peer.who = fmt::format("dbus={} uid={} pid={}", key,
-                               uid == static_cast<uid_t>(-1) ? std::string("?")
-                                                             : std::to_string(uid),
-                               pid);
-        if (peers_.size() >= 4096) {
-            peers_.clear(); // bounded; a verdict costs one more round trip to find again
-        }
-        it = peers_.insert_or_assign(key, std::move(peer)).first;
+        it = remember(key, verdict(key, uid, pid));
     }
     if (!it->second.allowed) {
         if (!op.empty()) {
@@ -220,6 +199,14 @@ int Service::authorize(sd_bus_message* m, sd_bus_error* error, std::string_view 
                                 "only root, qmachined's user and the qmachined group may do this");
     }
     return 1;
+}
+
+Service::Peers::iterator Service::remember(const std::string& sender, Peer peer)
+{
+    if (peers_.size() >= 4096) {
+        peers_.clear(); // bounded; a verdict costs one more round trip to find again
+    }
+    return peers_.insert_or_assign(sender, std::move(peer)).first;
 }
 
 Service::Peer Service::verdict(const std::string& sender, uid_t uid, pid_t pid) const
@@ -324,10 +311,7 @@ void Service::credentials_arrived(Lookup& lookup, sd_bus_message* reply)
         problem = "the bus did not say the caller's uid";
     }
     if (problem.empty()) {
-        if (peers_.size() >= 4096) {
-            peers_.clear(); // bounded; a verdict costs one more round trip to find again
-        }
-        peers_.insert_or_assign(lookup.sender, verdict(lookup.sender, *uid, pid));
+        remember(lookup.sender, verdict(lookup.sender, *uid, pid));
     }
     for (const Waiting& w : lookup.calls) {
         sd_bus_error error{};

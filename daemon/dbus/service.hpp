@@ -104,7 +104,8 @@ private:
         bool allowed = false;
         std::string who;
     };
-    std::map<std::string, Peer, std::less<>> peers_;
+    using Peers = std::map<std::string, Peer, std::less<>>;
+    Peers peers_;
     // Calls that wait for their sender's credentials, per sender, in arrival order; and the
     // GetConnectionCredentials call in flight for each such sender.
     struct Waiting
@@ -122,7 +123,11 @@ private:
     std::map<std::string, std::unique_ptr<Lookup>, std::less<>> lookups_;
     static int on_credentials(sd_bus_message* reply, void* userdata, sd_bus_error* error);
     void credentials_arrived(Lookup& lookup, sd_bus_message* reply);
+    // Who `sender` is and whether it may change things: uid 0 or the daemon's own, or the group
+    // qmachined among the groups /proc gives for `pid`.
     Peer verdict(const std::string& sender, uid_t uid, pid_t pid) const;
+    // Keeps a verdict (the map is bounded: emptied at 4096 senders).
+    Peers::iterator remember(const std::string& sender, Peer peer);
     std::shared_ptr<int> life_ = std::make_shared<int>(0);
 };
 
