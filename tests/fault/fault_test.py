@@ -38,6 +38,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "systemd"))
+from pid1ns import Tap  # noqa: E402
 from qmd import (Client, Daemon, children, cpu_seconds, fd_count, pid_alive,  # noqa: E402
                  processes_mentioning, rss_kib, wait_until, zombies_of)
 
@@ -53,13 +55,8 @@ FAKE = os.path.join(HERE, "fake_qemu.py")
 QUICK = {"machine": "none", "console": {"enabled": False},
          "shutdown": {"mode": "quit", "timeout_s": 10}}
 
-results = []
-
-
-def check(ok, what, detail=""):
-    results.append((bool(ok), what, detail))
-    print(f"# {'ok' if ok else 'FAILED'}: {what}", flush=True)
-    return ok
+tap = Tap(progress=True, detail_lines=30)
+check = tap.check
 
 
 def measure(text):
@@ -681,7 +678,7 @@ def main():
                 import traceback
                 check(False, f"the {name} section ran to its end", traceback.format_exc())
             measure(f"section {name}: {time.monotonic() - t:.1f} s")
-        ok = all(r[0] for r in results)
+        ok = all(good for good, _, _ in tap.results)
     finally:
         for pid in processes_mentioning(work):
             os.kill(pid, signal.SIGKILL)
@@ -689,13 +686,6 @@ def main():
             shutil.rmtree(work, ignore_errors=True)
         else:
             print(f"# kept {work} for a look", flush=True)
-    print(f"1..{len(results)}")
-    for i, (good, what, detail) in enumerate(results, 1):
-        print(f"{'ok' if good else 'not ok'} {i} - {what}")
-        if not good and detail:
-            for line in str(detail).splitlines()[-30:]:
-                print(f"#   {line}")
-    sys.exit(0 if ok else 1)
 
 
-main()
+tap.finish(main)

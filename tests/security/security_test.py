@@ -31,18 +31,15 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "fault"))
+sys.path.insert(0, os.path.join(HERE, "..", "systemd"))
+from pid1ns import Tap  # noqa: E402
 from qmd import Daemon, wait_until  # noqa: E402
 
 QMACHINED = sys.argv[1]
 QUICK = {"machine": "none", "console": {"enabled": False},
          "shutdown": {"mode": "quit", "timeout_s": 10}}
-results = []
-
-
-def check(ok, what, detail=""):
-    results.append((bool(ok), what, detail))
-    print(f"# {'ok' if ok else 'FAILED'}: {what}", flush=True)
-    return ok
+tap = Tap(progress=True, detail_lines=30)
+check = tap.check
 
 
 def problem_type(doc):
@@ -353,19 +350,12 @@ def main():
             except Exception:  # noqa: BLE001: a crash is a failed point, with its traceback
                 import traceback
                 check(False, f"the {name} section ran to its end", traceback.format_exc())
-        ok = all(r[0] for r in results)
+        ok = all(good for good, _, _ in tap.results)
     finally:
         if ok:
             shutil.rmtree(work, ignore_errors=True)
         else:
             print(f"# kept {work} for a look", flush=True)
-    print(f"1..{len(results)}")
-    for i, (good, what, detail) in enumerate(results, 1):
-        print(f"{'ok' if good else 'not ok'} {i} - {what}")
-        if not good and detail:
-            for line in str(detail).splitlines()[-30:]:
-                print(f"#   {line}")
-    sys.exit(0 if ok else 1)
 
 
-main()
+tap.finish(main)
