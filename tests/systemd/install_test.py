@@ -188,6 +188,8 @@ def main():
             "RuntimeDirectory": "qmachined", "RuntimeDirectoryPreserve": "yes",
             "ProtectSystem": "strict", "PrivateTmp": "yes", "NoNewPrivileges": "yes",
             "SystemCallArchitectures": "native", "Group": "qmachined",
+            "WatchdogSec": "30s", "ProtectHome": "yes",
+            "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK",
         }
         wrong = {k: service.get(("Service", k)) for k, v in want.items()
                  if service.get(("Service", k), [None])[-1] != v}
@@ -289,6 +291,13 @@ def main():
               st.st_uid == int(qemu[2]) and st.st_gid == int(groups["qmachined"][2]),
               "tmpfiles.d: /var/lib/qmachined-images 0770 qmachined-qemu:qmachined",
               r.stderr + str(st))
+        # qmachined.socket's directory: systemd would create it root:root, keeping the group
+        # qmachined out of a socket-activated daemon until the service first ran.
+        runtime = os.path.join(scratch, "run/qmachined")
+        st = os.stat(runtime) if os.path.isdir(runtime) else None
+        check(r.returncode == 0 and st is not None and stat.S_IMODE(st.st_mode) == 0o710 and
+              st.st_uid == 0 and st.st_gid == int(groups["qmachined"][2]),
+              "tmpfiles.d: /run/qmachined 0710 root:qmachined from boot", str(st))
 
         # 6. D-Bus activation and the man pages.
         alias = service.get(("Install", "Alias"), [""])[-1]

@@ -7,11 +7,16 @@
 These machines have no systemd as PID 1, but one boots in a namespace of its own in seconds: the
 test installs the build into a DESTDIR, boots /lib/systemd/systemd in `unshare --pid --mount`
 with private /tmp, /var/tmp, /run, /var/lib, /srv, /etc/systemd/system and /etc/dbus-1/system.d
-(tmpfs: systemd-tmpfiles would empty the host's /tmp, and nothing of the host's is enabled), the
-DESTDIR's prefix bound over the real one, and drives it with systemctl through nsenter:
+(tmpfs: systemd-tmpfiles would empty the host's /tmp, and nothing of the host's is enabled), /etc
+as an overlay (sysusers writes there, never in the host's), the DESTDIR's prefix bound over the
+real one, and drives it with systemctl through nsenter:
 
-- qmachined.socket starts qmachined on the first connection (Type=notify: active with STATUS=);
-- a machine with the test guest and a disk in the image directory runs under the whole sandbox
+- an image directory added to the installed configuration becomes ReadWritePaths= through
+  qmachined-generator at daemon-reload;
+- qmachined.socket starts qmachined on the first connection of a member of the group qmachined
+  (the socket's directory root:qmachined 0710 from tmpfiles.d, before the service ever ran); an
+  outsider reaches neither the socket nor the daemon (Type=notify: active with STATUS=);
+- a machine with the test guest and a disk in that image directory runs under the whole sandbox
   (ProtectSystem=strict, SystemCallFilter=, DevicePolicy=, QEMU's own seccomp), the guest boots;
   a disk outside image-dirs is refused with QEMU's "Read-only file system";
 - `systemctl restart` (KillMode=process), SIGKILL of the main process (Restart=on-failure) and a
@@ -70,6 +75,21 @@ def main():
         # No systemd-machined here (the machined suite has one): registration must say so once
         # and stay out of the way.
         ns.systemctl("mask", "systemd-machined.service")
+        # An image directory of the operator's in the installed configuration: the generator
+        # turns it into ReadWritePaths= at daemon-reload, as at boot.
+        sysconfdir = opts["sysconfdir"]
+        if not sysconfdir.startswith("/"):
+            sysconfdir = os.path.join(prefix, sysconfdir)
+        ns.run("install", "-d", "-m", "0770", "-o", "qmachined-qemu", "-g", "qmachined",
+               "/srv/images")
+        ns.run("sh", "-c", "echo 'image-dirs = /srv/images,/var/lib/qmachined-images' >> "
+                           f"{sysconfdir}/qmachined/qmachined.conf")
+        ns.systemctl("daemon-reload")
+        r = ns.systemctl("cat", "qmachined.service")
+        check(r.returncode == 0 and "qmachined.service.d/50-image-dirs.conf" in r.stdout and
+              "ReadWritePaths=-/srv/images" in r.stdout,
+              "qmachined-generator: the configuration's image-dirs are ReadWritePaths= of the unit",
+              r.stdout[-1500:] + r.stderr)
         r = ns.systemctl("enable", "--now", "qmachined.socket")
         r2 = ns.systemctl("enable", "qmachined.service")
         check(r.returncode == 0 and r2.returncode == 0,
@@ -78,22 +98,30 @@ def main():
         check(ns.show("qmachined.service", "ActiveState")["ActiveState"] == "inactive",
               "qmachined does not run before a client comes")
 
-        # Socket activation and Type=notify.
-        code, doc, text = ns.curl("GET", "/v1/health")
+        # Socket activation and Type=notify. The socket's directory is root:qmachined 0710
+        # (tmpfiles.d) before qmachined ever ran: an outsider cannot reach the socket, nor start
+        # the daemon; a member of the group qmachined can.
+        code, _, text = ns.curl("GET", "/v1/health", as_user="outsider")
+        check(code == 0 and
+              ns.show("qmachined.service", "ActiveState")["ActiveState"] == "inactive",
+              "a user outside the group qmachined neither reaches the socket nor starts qmachined",
+              f"{code} {text}")
+        code, doc, text = ns.curl("GET", "/v1/health", as_user="member")
         svc = ns.show("qmachined.service", "ActiveState", "SubState", "StatusText", "MainPID",
                       "NRestarts")
         check(code == 200 and svc["ActiveState"] == "active" and
               svc["StatusText"] == "0 machines",
-              "the first connection starts qmachined; active with STATUS=", f"{code} {text} {svc}")
+              "the first connection (a member of the group qmachined, before qmachined ever ran) "
+              "starts qmachined; active with STATUS=", f"{code} {text} {svc}")
 
-        # A machine under the sandbox, with a disk in the image directory.
-        ns.run("truncate", "-s", "8M", "/var/lib/qmachined-images/disk.raw")
-        ns.run("chown", "qmachined-qemu", "/var/lib/qmachined-images/disk.raw")
+        # A machine under the sandbox, with a disk in the operator's image directory.
+        ns.run("truncate", "-s", "8M", "/srv/images/disk.raw")
+        ns.run("chown", "qmachined-qemu", "/srv/images/disk.raw")
         spec = {"machine": "pc,accel=tcg", "memory_mib": 128, "args": [
             "-nodefaults", "-no-user-config", "-no-reboot", "-kernel", guest + "/vmlinuz",
             "-initrd", guest + "/initramfs.cpio.gz", "-append",
             "console=ttyS0 quiet panic=-1 qmtest.hello=under-systemd",
-            "-drive", "file=/var/lib/qmachined-images/disk.raw,format=raw,if=virtio"],
+            "-drive", "file=/srv/images/disk.raw,format=raw,if=virtio"],
             "shutdown": {"mode": "quit", "timeout_s": 10}}
         code, _, text = ns.curl("POST", "/v1/machines", {"name": "vm", "spec": spec})
         check(code == 201, "create a machine", text)

@@ -6,7 +6,8 @@ a second.
 Namespace(work, dest, prefix) boots /lib/systemd/systemd (to basic.target) in `unshare --pid
 --mount` with private tmpfs on /tmp, /var/tmp, /run, /var/lib, /srv, /var/log/journal,
 /etc/systemd/system and /etc/dbus-1/system.d (systemd-tmpfiles would empty the host's /tmp, the
-journal would land on the host's disk, and nothing the host enables starts), the installed D-Bus
+journal would land on the host's disk, and nothing the host enables starts), /etc as an overlay
+whose changes stay in `work` (when the kernel allows one), the installed D-Bus
 policy copied in, and DESTDIR+prefix bound over prefix. `ns.run(...)` runs a command inside
 (nsenter), `ns.systemctl(...)`, `ns.show(unit, props...)`, `ns.curl(method, path, body)` talk to
 the manager and to qmachined's REST socket. Everything in the namespace dies with its PID 1 at
@@ -105,6 +106,11 @@ class Namespace:
 set -e
 cd '{work}'
 mount --make-rprivate /
+# /etc as an overlay whose changes stay in the work directory (systemd-sysusers, enabled units):
+# the host's own /etc is never written. Where no overlay can be mounted, the host's /etc is shared.
+mkdir -p etc-upper etc-work
+mount -t overlay overlay -o "lowerdir=/etc,upperdir=$PWD/etc-upper,workdir=$PWD/etc-work" /etc ||
+  echo "pid1ns: no overlay over /etc" >&2
 for d in /tmp /var/tmp /run /var/lib /srv /etc/systemd/system /var/log/journal \
          /etc/dbus-1/system.d; do
   # Only over what exists: nothing of the host's is created.
@@ -162,8 +168,13 @@ mount --bind '{installed}' '{prefix}'
         r = self.systemctl("show", unit, *[f"-p{p}" for p in props])
         return dict(l.split("=", 1) for l in r.stdout.splitlines() if "=" in l)
 
-    def curl(self, method, path, body=None, timeout=60):
-        argv = ["curl", "-s", "-m", str(timeout), "--unix-socket", "/run/qmachined/qmachined.sock",
+    def curl(self, method, path, body=None, timeout=60, as_user=None):
+        """as_user: None (root), "member" (nobody in the group qmachined) or "outsider" (nobody);
+        a refused connection is code 0."""
+        argv = [] if as_user is None else [
+            "setpriv", "--reuid=nobody", "--regid=nogroup",
+            "--groups=qmachined" if as_user == "member" else "--clear-groups", "--"]
+        argv += ["curl", "-s", "-m", str(timeout), "--unix-socket", "/run/qmachined/qmachined.sock",
                 "-X", method, "-w", "\n%{http_code}", f"http://qmachined{path}"]
         if body is not None:
             argv += ["-H", "Content-Type: application/json", "-d", json.dumps(body)]
