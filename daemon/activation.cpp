@@ -50,6 +50,24 @@ std::string inet_address_of(int fd)
     return fmt::format("[{}]:{}", text, ntohs(in6->sin6_port));
 }
 
+bool is_loopback_socket(int fd)
+{
+    sockaddr_storage addr{};
+    socklen_t len = sizeof addr;
+    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+        return false;
+    }
+    if (addr.ss_family == AF_INET) {
+        const auto* in = reinterpret_cast<const sockaddr_in*>(&addr);
+        return (ntohl(in->sin_addr.s_addr) >> 24) == 127;
+    }
+    const auto* in6 = reinterpret_cast<const sockaddr_in6*>(&addr);
+    if (IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr)) {
+        return in6->sin6_addr.s6_addr[12] == 127;
+    }
+    return IN6_IS_ADDR_LOOPBACK(&in6->sin6_addr);
+}
+
 } // namespace
 
 expected<ActivatedSockets> take_activated_sockets()
@@ -98,6 +116,7 @@ expected<ActivatedSockets> take_activated_sockets()
             }
             out.tcp_fd = fd;
             out.tcp_address = inet_address_of(fd);
+            out.tcp_loopback = is_loopback_socket(fd);
         } else {
             return refuse(fd, "is not a listening stream socket (unix or TCP): the REST API "
                               "needs ListenStream=");

@@ -632,6 +632,21 @@ int main(int argc, char** argv)
         return 1;
     }
     ActivatedGuard activated_guard{&*activated};
+    // A TCP socket from the manager follows rest-listen's rule: loopback only, unless
+    // rest-allow-remote (then said loudly, as for rest-listen).
+    if (activated->tcp_fd >= 0 && !activated->tcp_loopback) {
+        if (!config.rest_allow_remote) {
+            spdlog::critical("Failed to start: socket activation: the TCP socket {} is not on a "
+                             "loopback address; add --rest-allow-remote to accept connections "
+                             "from other hosts",
+                             activated->tcp_address);
+            return 1;
+        }
+        spdlog::warn("REST listens on {} (passed by the service manager), which is not a loopback "
+                     "address (--rest-allow-remote): anyone who can reach it and holds the token "
+                     "controls every machine, over plain HTTP",
+                     activated->tcp_address);
+    }
     raise_fd_limit();
     // The group qmachined (sysusers.d) administers a root daemon: its members reach the REST
     // socket (0660, group qmachined) through the runtime directory (0710, group qmachined), and

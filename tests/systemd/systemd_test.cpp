@@ -95,7 +95,8 @@ protected:
     // qmachined behind systemd-socket-activate on its default socket path (or a TCP address),
     // with a NOTIFY_SOCKET, under the default shutdown policy (leave-running): the manager
     // binds the socket now; qmachined starts on the first connection.
-    void start_activated(const std::vector<std::string>& listen, bool datagram = false)
+    void start_activated(const std::vector<std::string>& listen, bool datagram = false,
+                         const std::vector<std::string>& extra = {})
     {
         ASSERT_FALSE(daemon_);
         fs::create_directories(runtime_);
@@ -110,6 +111,7 @@ protected:
         args.insert(args.end(), {"-E", "NOTIFY_SOCKET=" + listener_->address(), QM_QMACHINED,
                                  "--state-dir", state_.string(), "--runtime-dir",
                                  runtime_.string(), "--bus", "none"});
+        args.insert(args.end(), extra.begin(), extra.end());
         leave_running_ = true;
         activated_ = true;
         daemon_ = std::make_unique<DaemonProcess>(
@@ -210,6 +212,53 @@ TEST_F(SystemdTest, TcpSocketFromTheManagerNeedsTheToken)
     }
     EXPECT_EQ(call("GET", "/v1/machines").status, 200);
     EXPECT_TRUE(listener_->wait_for("READY=1", 10s)) << listener_->history();
+}
+
+TEST_F(SystemdTest, TcpSocketFromTheManagerIsLoopbackOnlyUnlessAllowRemote)
+{
+    // A free port on every address (0.0.0.0), which the loopback reaches too.
+    int probe = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_ANY);
+    socklen_t len = sizeof addr;
+    ASSERT_EQ(::bind(probe, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+    ASSERT_EQ(::getsockname(probe, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+    const unsigned port = ntohs(addr.sin_port);
+    ::close(probe);
+    const asio::ip::tcp::endpoint ep(asio::ip::make_address("127.0.0.1"),
+                                     static_cast<unsigned short>(port));
+    const std::string any = fmt::format("0.0.0.0:{}", port);
+
+    // Without --rest-allow-remote: as rest-listen 0.0.0.0 would be, refused before anything.
+    ASSERT_NO_FATAL_FAILURE(start_activated({any}));
+    {
+        HttpConnection c(ioc_, ep);
+        HttpResponse r = c.request("GET", "/v1/health");
+        EXPECT_NE(r.status, 200) << r;
+    }
+    EXPECT_EQ(daemon().wait_exit(10s), 1) << daemon().output();
+    EXPECT_TRUE(daemon().says(fmt::format("the TCP socket 0.0.0.0:{} is not on a loopback address; "
+                                          "add --rest-allow-remote",
+                                          port)))
+        << daemon().output();
+    EXPECT_FALSE(fs::exists(state_ / "rest.token"));
+    EXPECT_FALSE(listener_->wait_for("READY=1", 10ms));
+    daemon_.reset();
+
+    // With it: served (with the token), and said loudly.
+    ASSERT_NO_FATAL_FAILURE(start_activated({any}, false, {"--rest-allow-remote"}));
+    {
+        HttpConnection c(ioc_, ep);
+        ASSERT_FALSE(c.error()) << c.error().message();
+        HttpResponse r = c.request("GET", "/v1/machines");
+        EXPECT_EQ(r.status, 401) << r << daemon().output();
+    }
+    EXPECT_TRUE(listener_->wait_for("READY=1", 10s)) << listener_->history();
+    EXPECT_TRUE(daemon().says(fmt::format("warning: REST listens on 0.0.0.0:{} (passed by the "
+                                          "service manager), which is not a loopback address",
+                                          port)))
+        << daemon().output();
 }
 
 TEST_F(SystemdTest, PassedDescriptorThatIsNotAStreamSocketIsRefused)
