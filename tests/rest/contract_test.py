@@ -316,6 +316,31 @@ def static_checks(tap, contract):
                 problems.append(f'{where}: problem {t} has status {names[t]} in errors.json')
     tap.result('every documented problem type is in errors.json with the same status', problems)
 
+    # docs/rest.md, the readable reference: its table of routes lists exactly the document's
+    # operations, each with a success status the document gives it.
+    problems = []
+    rest_md = os.path.join(contract.proto_dir, '..', 'docs', 'rest.md')
+    try:
+        with open(rest_md, encoding='utf-8') as f:
+            text = f.read()
+    except OSError as e:
+        text = ''
+        problems.append(str(e))
+    table = text.partition('\n## Routes\n')[2].partition('\n## ')[0]
+    rows = re.findall(r'^\| (GET|POST|PUT|DELETE) \| `([^`]+)` \| (\d{3})', table, re.M)
+    listed = {(method, path): code for method, path, code in rows}
+    for template, method, op in contract.operations():
+        code = listed.pop((method, template), None)
+        if code is None:
+            problems.append(f'{method} {template} is not in docs/rest.md\'s table of routes')
+        elif code not in op['responses'] or code not in successes(template, method):
+            problems.append(f'docs/rest.md gives {method} {template} {code}, not a success the document lists')
+    for (method, path) in listed:
+        problems.append(f'docs/rest.md lists {method} {path}, which the document does not have')
+    if len(rows) != len(set((m, p) for m, p, _ in rows)):
+        problems.append('docs/rest.md lists a route twice')
+    tap.result('docs/rest.md\'s table of routes is the document\'s operations', problems)
+
 
 # ---- HTTP over curl -----------------------------------------------------------------------------
 
@@ -783,6 +808,19 @@ def run_requests(contract, s):
     s.send('arguments null', 'POST', '/v1/machines/c1/qmp', 400,
            {'execute': 'query-status', 'arguments': None}, check=problem_is('InvalidArgument', 'arguments'))
     s.send('no body', 'POST', '/v1/machines/c1/qmp', 400, check=problem_is('InvalidArgument'))
+    # A QEMU that does not answer (SIGSTOP): 504 at the command's own timeout; answered again
+    # once it runs (its late reply to the timed-out command is dropped).
+    _, c1 = s.send('read c1\'s pid', 'GET', '/v1/machines/c1', 200, check=machine_is('running'))
+    pid = c1.get('pid') if isinstance(c1, dict) else None
+    if isinstance(pid, int):
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            s.send('QEMU stopped: timeout', 'POST', '/v1/machines/c1/qmp', 504,
+                   {'execute': 'query-status', 'timeout_s': 0.5}, check=problem_is('Timeout'))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        s.send('QEMU running again', 'POST', '/v1/machines/c1/qmp', 200, {'execute': 'query-name'},
+               check=lambda r, v: [] if v['return'].get('name') == 'c1' else [f'{v}'])
     s.send('pause', 'POST', '/v1/machines/c1/pause', 200, check=machine_is('paused'))
     s.send('pause a paused machine: nothing to do', 'POST', '/v1/machines/c1/pause', 200,
            check=machine_is('paused'))
@@ -1136,6 +1174,102 @@ class Daemon:
             return f.read().decode(errors='replace')
 
 
+def raw_exchange(socket_path, data, timeout_s):
+    """Sends `data` on a new connection, then reads until the server closes it or `timeout_s`:
+    the Response parsed from what came back (status 0: nothing came)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout_s)
+    got = b''
+    try:
+        sock.connect(socket_path)
+        sock.sendall(data)
+        while True:
+            more = sock.recv(65536)
+            if not more:
+                break
+            got += more
+    except OSError:
+        pass
+    finally:
+        sock.close()
+    head, _, body = got.partition(b'\r\n\r\n')
+    lines = head.decode('latin-1').split('\r\n')
+    parts = lines[0].split(' ')
+    status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(':')
+        headers[name.strip().lower()] = value.strip()
+    return Response('GET', '(raw)', status, headers, body, '' if status else f'got {got[:200]!r}')
+
+
+def check_limits(tap, contract, binary, tmp):
+    """The limits' answers, against the document: 429 for machines (max-machines), event
+    subscribers (rest-max-subscribers) and connections (rest-max-connections), 408 for a request
+    that does not arrive within rest-request-timeout."""
+    d = Daemon(binary, tmp, 'l', ['--max-machines', '1', '--rest-max-subscribers', '1',
+                                  '--rest-max-connections', '3', '--rest-request-timeout', '2'])
+    held = []
+    try:
+        if not tap.result('qmachined with small limits is ready', [] if d.wait_ready() else [
+                f'no socket after 10 s (exit {d.proc.poll()}): {d.output()[-500:]}']):
+            return
+        s = Session(tap, contract, Client(tmp, socket_path=d.socket))
+        s.send('the one machine max-machines allows', 'POST', '/v1/machines', 201,
+               {'name': 'l1', 'spec': MACHINE_SPEC})
+        s.send('a machine over max-machines', 'POST', '/v1/machines', 429,
+               {'name': 'l2', 'spec': MACHINE_SPEC}, check=problem_is('LimitExceeded'))
+        s.send('nothing was created', 'GET', '/v1/machines', 200,
+               check=lambda r, v: [] if [m['name'] for m in v['machines']] == ['l1'] else [f'{v}'])
+        # One event stream open (a connection of its own), then a second subscriber.
+        stream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        held.append(stream)
+        stream.settimeout(10)
+        stream.connect(d.socket)
+        stream.sendall(b'GET /v1/events HTTP/1.1\r\nHost: localhost\r\n\r\n')
+        first = b''
+        while b': subscribed' not in first:
+            more = stream.recv(4096)
+            if not more:
+                break
+            first += more
+        tap.result('an event stream is open', [] if b': subscribed' in first else [f'{first!r}'])
+        s.send('a subscriber over rest-max-subscribers', 'GET', '/v1/events', 429,
+               check=problem_is('LimitExceeded'))
+        # Two more idle connections make three: the fourth is refused.
+        for _ in range(2):
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.connect(d.socket)
+            held.append(c)
+        s.send('a connection over rest-max-connections', 'GET', '/v1/health', 429,
+               check=lambda r, v: problem_is('LimitExceeded')(r, v) + (
+                   [] if r.headers.get('retry-after') == '1' else
+                   [f'Retry-After {r.headers.get("retry-after")!r}']))
+        for c in held[1:]:
+            c.close()
+        del held[1:]
+        # Half a request line, then nothing: 408 after rest-request-timeout (2 s).
+        started = time.monotonic()
+        r = raw_exchange(d.socket, b'GET /v1/hea', 10)
+        waited = time.monotonic() - started
+        problems = [] if r.status == 408 else [f'got {r.status}: {r.error} {r.body[:200]!r}']
+        if r.status == 408:
+            response_obj = contract.resolve(contract.doc['components']['responses']['RequestTimeout'])
+            problems += check_against(contract, response_obj, r)
+            problems += problem_is('RequestTimeout')(r, r.json())
+        if not 1.5 <= waited <= 8:
+            problems.append(f'answered after {waited:.1f} s, rest-request-timeout is 2 s')
+        tap.result('a request that does not arrive -> 408 (RequestTimeout), as documented', problems)
+        s.send('the daemon still answers', 'GET', '/v1/health', 200)
+    finally:
+        for c in held:
+            c.close()
+        status = d.terminate()
+        tap.result('qmachined with small limits exits 0 on SIGTERM',
+                   [] if status == 0 else [f'exit {status}: {d.output()[-500:]}'])
+        d.kill()
+
+
 def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(('127.0.0.1', 0))
@@ -1217,6 +1351,7 @@ def main():
         if tap.failed:
             tap.diag('qmachined said:\n' + daemon.output()[-4000:])
         check_tcp(tap, contract, binary, tmp)
+        check_limits(tap, contract, binary, tmp)
     finally:
         if daemon is not None:
             daemon.kill()
