@@ -2,6 +2,7 @@
 #include "daemon/machined.hpp"
 
 #include <array>
+#include <cstdlib>
 #include <cstring>
 #include <utility>
 
@@ -100,6 +101,7 @@ struct MachinedRegistrar::Call
     MachinedRegistrar* self;
     std::string name;
     pid_t pid;
+    int attempt;
 };
 
 MachinedRegistrar::MachinedRegistrar(asio::io_context& ioc, Supervisor& supervisor,
@@ -138,9 +140,9 @@ void MachinedRegistrar::on_event(const Event& e)
         return;
     }
     const auto state = json::get_string(e.data(), "state").value_or("");
-    if (reattached ? (state == "running" || state == "paused")
-                   : (state == "running" &&
-                      json::get_string(e.data(), "previous").value_or("") == "starting")) {
+    if (state == "running" || state == "paused") {
+        // A new QEMU (started running, or paused with -S), or one re-attached; a resume or a
+        // pause of a registered one is asked for already (register_machine knows its pid).
         register_machine(name);
     } else if (state == "stopped" || state == "crashed" || state == "failed" ||
                state == "defined") {
@@ -149,7 +151,7 @@ void MachinedRegistrar::on_event(const Event& e)
     }
 }
 
-void MachinedRegistrar::register_machine(const std::string& name)
+void MachinedRegistrar::register_machine(const std::string& name, int attempt)
 {
     if (availability_ == Availability::absent) {
         return;
@@ -202,7 +204,7 @@ void MachinedRegistrar::register_machine(const std::string& name)
     if (r >= 0) {
         r = sd_bus_message_close_container(m);
     }
-    auto* call = new Call{life_, this, name, pid};
+    auto* call = new Call{life_, this, name, pid, attempt};
     sd_bus_slot* slot = nullptr;
     if (r >= 0) {
         r = sd_bus_call_async(
@@ -210,7 +212,8 @@ void MachinedRegistrar::register_machine(const std::string& name)
             [](sd_bus_message* reply, void* userdata, sd_bus_error*) -> int {
                 auto* c = static_cast<Call*>(userdata);
                 if (c->life.lock()) {
-                    c->self->finished(c->name, c->pid, sd_bus_message_get_error(reply));
+                    c->self->finished(c->name, c->pid, c->attempt,
+                                      sd_bus_message_get_error(reply));
                 }
                 return 0;
             },
@@ -230,7 +233,8 @@ void MachinedRegistrar::register_machine(const std::string& name)
     bus_.schedule();
 }
 
-void MachinedRegistrar::finished(const std::string& name, pid_t pid, const sd_bus_error* error)
+void MachinedRegistrar::finished(const std::string& name, pid_t pid, int attempt,
+                                 const sd_bus_error* error)
 {
     if (error == nullptr || !sd_bus_error_is_set(error)) {
         if (availability_ != Availability::available) {
@@ -243,8 +247,10 @@ void MachinedRegistrar::finished(const std::string& name, pid_t pid, const sd_bu
     const std::string_view error_name = error->name != nullptr ? error->name : "";
     const std::string message = error->message != nullptr ? error->message : "";
     if (error_name == "org.freedesktop.machine1.MachineExists") {
+        // This process's own machine (re-attached after a restart of qmachined), or an earlier
+        // QEMU's whose scope machined has not let go of yet: ask whose.
         availability_ = Availability::available;
-        spdlog::debug("machined: '{}' is registered already", name);
+        check_existing(name, pid, attempt);
         return;
     }
     if (auto it = asked_.find(name); it != asked_.end() && it->second == pid) {
@@ -258,6 +264,80 @@ void MachinedRegistrar::finished(const std::string& name, pid_t pid, const sd_bu
         return;
     }
     spdlog::warn("machined: cannot register '{}' (pid {}): {}: {}", name, pid, error_name, message);
+}
+
+void MachinedRegistrar::check_existing(const std::string& name, pid_t pid, int attempt)
+{
+    auto* call = new Call{life_, this, name, pid, attempt};
+    sd_bus_slot* slot = nullptr;
+    const int r = sd_bus_call_method_async(
+        bus_.get(), &slot, "org.freedesktop.machine1", "/org/freedesktop/machine1",
+        "org.freedesktop.machine1.Manager", "GetMachineByPID",
+        [](sd_bus_message* reply, void* userdata, sd_bus_error*) -> int {
+            auto* c = static_cast<Call*>(userdata);
+            if (c->life.lock()) {
+                c->self->existing_checked(c->name, c->pid, c->attempt, reply);
+            }
+            return 0;
+        },
+        call, "u", static_cast<std::uint32_t>(pid));
+    if (r < 0) {
+        delete call;
+        retry_later(name, pid, attempt, std::strerror(-r));
+        return;
+    }
+    sd_bus_slot_set_destroy_callback(slot, [](void* userdata) { delete static_cast<Call*>(userdata); });
+    sd_bus_slot_set_floating(slot, 1);
+    sd_bus_slot_unref(slot);
+    bus_.schedule();
+}
+
+void MachinedRegistrar::existing_checked(const std::string& name, pid_t pid, int attempt,
+                                         sd_bus_message* reply)
+{
+    // The object path machined gives the machine named `name`.
+    char* expected = nullptr;
+    if (sd_bus_path_encode("/org/freedesktop/machine1/machine", name.c_str(), &expected) < 0) {
+        expected = nullptr;
+    }
+    const std::string want = expected != nullptr ? expected : "";
+    std::free(expected);
+    const char* path = nullptr;
+    if (const sd_bus_error* error = sd_bus_message_get_error(reply); error == nullptr &&
+        sd_bus_message_read(reply, "o", &path) >= 0 && path != nullptr && want == path) {
+        spdlog::debug("machined: '{}' (pid {}) is registered already", name, pid);
+        return;
+    }
+    retry_later(name, pid, attempt, "the name belongs to another process");
+}
+
+void MachinedRegistrar::retry_later(const std::string& name, pid_t pid, int attempt,
+                                    std::string_view why)
+{
+    if (auto it = asked_.find(name); it != asked_.end() && it->second == pid) {
+        asked_.erase(it);
+    }
+    if (attempt >= options_.retries) {
+        spdlog::warn("machined: cannot register '{}' (pid {}): systemd-machined holds a machine "
+                     "of that name already ({}), after {} attempt(s)",
+                     name, pid, why, attempt + 1);
+        return;
+    }
+    const auto delay = options_.retry_initial * (1 << attempt);
+    spdlog::debug("machined: '{}' (pid {}): the name is taken ({}); asking again in {} ms", name,
+                  pid, why, delay.count());
+    auto timer = std::make_shared<asio::steady_timer>(ioc_, delay);
+    timer->async_wait([this, life = std::weak_ptr<int>(life_), timer, name, pid,
+                       attempt](const error_code& ec) {
+        if (ec || !life.lock()) {
+            return;
+        }
+        // Only if that process is still the machine's and nobody asked meanwhile.
+        auto info = supervisor_.inspect(name);
+        if (info && info->pid == pid && !asked_.contains(name)) {
+            register_machine(name, attempt + 1);
+        }
+    });
 }
 
 } // namespace qm::daemon

@@ -39,6 +39,10 @@ struct MachinedOptions
 {
     // The deadline of one CreateMachine call (machined may need to be started by the bus first).
     std::chrono::milliseconds timeout = std::chrono::seconds(5);
+    // A name machined still holds for an earlier process (its scope not yet emptied after a quick
+    // restart): asked again after this, doubling, this many times.
+    std::chrono::milliseconds retry_initial = std::chrono::milliseconds(250);
+    int retries = 5;
     // Extra properties of each machine's scope: ordered before this unit, so that at host
     // shutdown the unit that stops the machines gracefully (qmachined-guests.service) runs
     // before systemd kills what is left in the scopes. Empty: none.
@@ -46,7 +50,9 @@ struct MachinedOptions
 };
 
 // Owned by main; loop thread only. Listens to the supervisor's events: a machine that starts (a
-// new QEMU) or is re-attached is registered, asynchronously, never blocking anything. The first
+// new QEMU, running or paused) or is re-attached is registered, asynchronously, never blocking
+// anything. A name machined still holds for another process (an earlier QEMU's scope after a quick
+// restart) is asked again a few times, then left with a warning. The first
 // answer that says machined is not there (no such name on the bus, no activatable service) turns
 // registration off quietly (one info line); other failures are logged per machine at warn.
 class MachinedRegistrar
@@ -67,8 +73,12 @@ public:
 private:
     struct Call;
     void on_event(const Event& e);
-    void register_machine(const std::string& name);
-    void finished(const std::string& name, pid_t pid, const sd_bus_error* error);
+    void register_machine(const std::string& name, int attempt = 0);
+    void finished(const std::string& name, pid_t pid, int attempt, const sd_bus_error* error);
+    // CreateMachine said MachineExists: whether the machine holding the name is this process's.
+    void check_existing(const std::string& name, pid_t pid, int attempt);
+    void existing_checked(const std::string& name, pid_t pid, int attempt, sd_bus_message* reply);
+    void retry_later(const std::string& name, pid_t pid, int attempt, std::string_view why);
 
     asio::io_context& ioc_;
     Supervisor& supervisor_;

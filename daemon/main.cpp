@@ -12,6 +12,7 @@
 #include <cerrno>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -143,6 +144,15 @@ qm::expected<void> resolve_qemu_user(const Config& config, qm::daemon::Superviso
                         fmt::format("qemu-user '{}' is root: QEMU must not run as root",
                                     config.qemu_user));
     }
+    // getgrouplist(3) asks every NSS source; nss-systemd asks every userdb service, among them
+    // systemd-machined's (io.systemd.Machine: the users of containers, never QEMU's): a machined
+    // that does not answer would hold qmachined's start for varlink's 45 s. Not asked.
+    const char* bypass = std::getenv("SYSTEMD_BYPASS_USERDB");
+    const std::optional<std::string> saved =
+        bypass != nullptr ? std::optional<std::string>(bypass) : std::nullopt;
+    const std::string machine_userdb = "io.systemd.Machine";
+    ::setenv("SYSTEMD_BYPASS_USERDB",
+             (saved && !saved->empty() ? *saved + ":" + machine_userdb : machine_userdb).c_str(), 1);
     int count = 64;
     std::vector<gid_t> groups(static_cast<std::size_t>(count));
     if (::getgrouplist(pw.pw_name, pw.pw_gid, groups.data(), &count) < 0) {
@@ -150,6 +160,11 @@ qm::expected<void> resolve_qemu_user(const Config& config, qm::daemon::Superviso
         ::getgrouplist(pw.pw_name, pw.pw_gid, groups.data(), &count);
     }
     groups.resize(static_cast<std::size_t>(std::max(count, 0)));
+    if (saved) {
+        ::setenv("SYSTEMD_BYPASS_USERDB", saved->c_str(), 1);
+    } else {
+        ::unsetenv("SYSTEMD_BYPASS_USERDB");
+    }
     if (admin_group && (pw.pw_gid == *admin_group ||
                         std::find(groups.begin(), groups.end(), *admin_group) != groups.end())) {
         return qm::fail(qm::errc::invalid_argument,

@@ -1102,9 +1102,17 @@ void Supervisor::apply_restart_policy(std::shared_ptr<Entry> e)
         return;
     }
     // on-failure: a crash (signal, non-zero exit, death without SHUTDOWN) or a failed start;
-    // always: any exit nobody asked for, a guest power-off included.
+    // always: any exit nobody asked for, a guest power-off included. A QEMU that a termination
+    // signal from outside made quit cleanly (SHUTDOWN host-signal: `machinectl terminate`, the
+    // host's shutdown, an operator's kill) was asked by someone: an operator's stop for both.
     const bool failure = e->state == MachineState::crashed || e->state == MachineState::failed;
     if (policy.policy == RestartPolicy::on_failure && !failure) {
+        return;
+    }
+    if (e->state == MachineState::stopped && e->stop_reason.kind == StopReason::Kind::signal) {
+        spdlog::info("Machine '{}': QEMU quit on a termination signal from outside: not "
+                     "restarted (restart policy {}), as for an operator's stop",
+                     e->def.name, policy.policy == RestartPolicy::always ? "always" : "on-failure");
         return;
     }
     const auto now = std::chrono::steady_clock::now();

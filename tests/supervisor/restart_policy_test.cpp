@@ -137,6 +137,34 @@ TEST_F(RestartPolicyTest, OnFailureIgnoresAQuitAndAlwaysDoesNot)
     EXPECT_EQ(info("failure").stop_reason.kind, daemon::StopReason::Kind::host_quit);
 }
 
+TEST_F(RestartPolicyTest, ATerminationSignalFromOutsideIsAnOperatorsStopForEveryPolicy)
+{
+    // What `machinectl terminate`, the host's shutdown or an operator's kill does: SIGTERM, QEMU
+    // quits cleanly (SHUTDOWN host-signal). Someone asked: not restarted, even under always.
+    const pid_t a = running("always", restart_spec("always"));
+    const pid_t f = running("failure", restart_spec("on-failure"));
+    ASSERT_GT(a, 0);
+    ASSERT_GT(f, 0);
+    const auto seq = sup_->events().last_seq();
+    ASSERT_EQ(::kill(a, SIGTERM), 0);
+    ASSERT_EQ(::kill(f, SIGTERM), 0);
+    ASSERT_TRUE(wait_state("always", MachineState::stopped)) << to_string(state("always"));
+    ASSERT_TRUE(wait_state("failure", MachineState::stopped)) << to_string(state("failure"));
+    run_until(ioc_, [] { return false; }, 300ms); // well past the 50 ms backoff
+    for (const char* name : {"always", "failure"}) {
+        EXPECT_EQ(state(name), MachineState::stopped) << name;
+        EXPECT_EQ(info(name).stop_reason.kind, daemon::StopReason::Kind::signal) << name;
+        EXPECT_TRUE(events_of(name, daemon::event_names::restart_scheduled, seq).empty()) << name;
+        EXPECT_EQ(info(name).restart_count, 0U) << name;
+    }
+    // A SIGKILL is no request to quit: always (and on-failure) bring that one back.
+    auto started = start("always");
+    ASSERT_TRUE(started) << describe(started.error());
+    const pid_t b = started->machine.pid.value_or(-1);
+    ASSERT_EQ(::kill(b, SIGKILL), 0);
+    EXPECT_GT(wait_new_pid("always", b), 0) << to_string(state("always"));
+}
+
 TEST_F(RestartPolicyTest, BackoffDoublesAndTheCrashLoopLimitEndsInFailed)
 {
     pid_t pid = running("loop", restart_spec("on-failure", 3, 100, 1000));
