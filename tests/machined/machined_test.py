@@ -145,6 +145,10 @@ def main():
               props.get("Service") == "qmachined" and props.get("Unit") == "machine-web1.scope",
               "machinectl show web1: leader the QEMU, class vm, service qmachined, its scope",
               r.stdout + r.stderr)
+        r = ns.systemctl("show", "machine-web1.scope", "-p", "Before", "--value")
+        check("qmachined-guests.service" in r.stdout.split(),
+              "machine-web1.scope is ordered before qmachined-guests.service (at shutdown the "
+              "guests' graceful stop runs first, then systemd stops the scopes)", r.stdout)
         cgroup = qemu.cgroup(pids["web1"])
         check("/machine.slice/machine-web1.scope" in cgroup,
               "web1's QEMU runs in machine.slice/machine-web1.scope", cgroup)

@@ -754,6 +754,69 @@ TEST_F(SupervisorTest, ShutdownStopsEveryMachineAndRefusesNewOperations)
     sup_.reset();
 }
 
+TEST_F(SupervisorTest, StopAllStopsNAtATimeEachByItsOwnSpec)
+{
+    // What qmachined-guests.service asks at the host's shutdown (POST /v1/stop-all): every machine
+    // stopped as its own spec says, `concurrency` at a time. Four QEMUs are SIGSTOPped (a guest
+    // that does not go down): their quit is not answered, and each is killed at its own
+    // timeout_s (1 or 2 s); two stop at once with quit.
+    open_supervisor();
+    struct Want
+    {
+        const char* name;
+        bool hung;
+        int timeout_s;
+    };
+    const std::vector<Want> wants = {{"h1", true, 1}, {"h2", true, 2}, {"q1", false, 10},
+                                     {"h3", true, 1}, {"q2", false, 10}, {"h4", true, 1}};
+    std::vector<pid_t> hung;
+    for (const auto& w : wants) {
+        ASSERT_TRUE(create(w.name, fmt::format(R"({{"binary": {}, "machine": "none",
+            "console": {{"enabled": false}}, "shutdown": {{"mode": "quit", "timeout_s": {}}}}})",
+                                                json::quote(QemuProcess::binary()), w.timeout_s)));
+        ASSERT_TRUE(start(w.name));
+        if (w.hung) {
+            hung.push_back(pid_of(w.name));
+            ASSERT_EQ(::kill(hung.back(), SIGSTOP), 0);
+        }
+    }
+    const auto since = sup_->events().last_seq();
+    const auto started = std::chrono::steady_clock::now();
+    auto result = run_co(ioc_, sup_->stop_all(2), 60s);
+    const auto took = std::chrono::steady_clock::now() - started;
+    EXPECT_EQ(result.stopped.size(), wants.size());
+    EXPECT_TRUE(result.failed.empty());
+    // Never more than two stopping at once, and two at once at some point.
+    daemon::EventSelector sel;
+    sel.names = {std::string(daemon::event_names::state_changed)};
+    std::size_t stopping = 0;
+    std::size_t most = 0;
+    for (const auto& e : sup_->events().replay(since, sel)) {
+        const auto state = json::get_string(e.data(), "state").value_or("");
+        const auto previous = json::get_string(e.data(), "previous").value_or("");
+        if (state == "stopping") {
+            most = std::max(most, ++stopping);
+        } else if (previous == "stopping") {
+            --stopping;
+        }
+    }
+    EXPECT_EQ(most, 2U);
+    EXPECT_EQ(stopping, 0U);
+    // Hung: 1 + 2 + 1 + 1 s of timeouts, two lanes: at least 2.5 s; one at a time would be 5.
+    EXPECT_GE(took, 2500ms);
+    EXPECT_LT(took, 4800ms);
+    for (const auto& w : wants) {
+        const auto m = info(w.name);
+        EXPECT_EQ(m.state, MachineState::stopped) << w.name;
+        EXPECT_EQ(m.stop_reason.kind, w.hung ? StopReason::Kind::host_kill
+                                             : StopReason::Kind::host_quit)
+            << w.name << ": " << m.stop_reason.detail;
+    }
+    for (pid_t pid : hung) {
+        EXPECT_TRUE(run_until(ioc_, [&] { return process_gone(pid); })) << pid;
+    }
+}
+
 //---- many machines on one thread -------------------------------------------------------------------
 
 TEST_F(SupervisorTest, TwoHundredMachinesOnOneThread)

@@ -158,8 +158,10 @@ def main():
         check(guests.get(("Service", "ExecStop")) ==
               [f"{bindir}/qmachinectl stop --all --concurrency 16"] and
               "qmachined.service" in after.split() and
-              guests.get(("Service", "RemainAfterExit")) == ["yes"],
-              "qmachined-guests.service: after qmachined (stopped before it), stop --all",
+              guests.get(("Service", "RemainAfterExit")) == ["yes"] and
+              guests.get(("Service", "TimeoutStopSec")) == ["10min"],
+              "qmachined-guests.service: after qmachined (stopped before it), stop --all, "
+              "10 minutes for it",
               str(guests))
 
         # The user units: systemd 252 has no --root for --user, so they are verified in a copy
