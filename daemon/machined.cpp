@@ -226,7 +226,12 @@ void MachinedRegistrar::register_machine(const std::string& name, int attempt)
         spdlog::warn("machined: cannot ask to register '{}': {}", name, std::strerror(-r));
         return;
     }
-    // The slot frees the call with itself: after the reply, or with the bus.
+    keep_until_reply(slot);
+}
+
+void MachinedRegistrar::keep_until_reply(sd_bus_slot* slot)
+{
+    // The slot frees its Call with itself: after the reply, or with the bus.
     sd_bus_slot_set_destroy_callback(slot, [](void* userdata) { delete static_cast<Call*>(userdata); });
     sd_bus_slot_set_floating(slot, 1);
     sd_bus_slot_unref(slot);
@@ -286,10 +291,7 @@ void MachinedRegistrar::check_existing(const std::string& name, pid_t pid, int a
         retry_later(name, pid, attempt, std::strerror(-r));
         return;
     }
-    sd_bus_slot_set_destroy_callback(slot, [](void* userdata) { delete static_cast<Call*>(userdata); });
-    sd_bus_slot_set_floating(slot, 1);
-    sd_bus_slot_unref(slot);
-    bus_.schedule();
+    keep_until_reply(slot);
 }
 
 void MachinedRegistrar::existing_checked(const std::string& name, pid_t pid, int attempt,

@@ -74,6 +74,8 @@ private:
     struct Call;
     void on_event(const Event& e);
     void register_machine(const std::string& name, int attempt = 0);
+    // An async call's slot, made floating: it frees its Call after the reply (or with the bus).
+    void keep_until_reply(sd_bus_slot* slot);
     void finished(const std::string& name, pid_t pid, int attempt, const sd_bus_error* error);
     // CreateMachine said MachineExists: whether the machine holding the name is this process's.
     void check_existing(const std::string& name, pid_t pid, int attempt);

@@ -658,7 +658,7 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
             spdlog::warn("REST {} {} -> {} ({} us): {}", std::string(msg.method_string()),
                          std::string(msg.target()).substr(0, 200), response.status, us.count(),
                          response.body.substr(0, 1000));
-        } else {
+        } else if (spdlog::should_log(spdlog::level::debug)) {
             spdlog::debug("REST {} {} -> {} ({} us)", std::string(msg.method_string()),
                           std::string(msg.target()).substr(0, 200), response.status, us.count());
         }

@@ -439,6 +439,13 @@ def websocket_handshake(socket_path, target, timeout_s=10):
     except OSError:
         sock.close()
         raise
+    status, headers, rest = parse_answer(data)
+    return Response('GET', target, status, headers, b'', ''), key, sock, rest
+
+
+def parse_answer(data):
+    """An HTTP/1.1 answer's bytes: (status, lower-case headers, the bytes after the header);
+    status 0 when there is no status line."""
     head, _, rest = data.partition(b'\r\n\r\n')
     lines = head.decode('latin-1').split('\r\n')
     status_line = lines[0].split(' ')
@@ -447,7 +454,7 @@ def websocket_handshake(socket_path, target, timeout_s=10):
     for line in lines[1:]:
         name, _, value = line.partition(':')
         headers[name.strip().lower()] = value.strip()
-    return Response('GET', target, status, headers, b'', ''), key, sock, rest
+    return status, headers, rest
 
 
 def read_frame(sock, rest):
@@ -1192,14 +1199,7 @@ def raw_exchange(socket_path, data, timeout_s):
         pass
     finally:
         sock.close()
-    head, _, body = got.partition(b'\r\n\r\n')
-    lines = head.decode('latin-1').split('\r\n')
-    parts = lines[0].split(' ')
-    status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(':')
-        headers[name.strip().lower()] = value.strip()
+    status, headers, body = parse_answer(got)
     return Response('GET', '(raw)', status, headers, body, '' if status else f'got {got[:200]!r}')
 
 

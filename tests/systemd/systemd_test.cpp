@@ -174,18 +174,28 @@ TEST_F(SystemdTest, SocketActivatedDaemonAnswersTheFirstConnectionOnceMachinesAr
     EXPECT_TRUE(alive(qemu)); // leave-running
 }
 
-TEST_F(SystemdTest, TcpSocketFromTheManagerNeedsTheToken)
+// A free TCP port on `address` (the kernel's choice, released for the manager to bind); 0 when
+// none could be had.
+unsigned free_port(in_addr_t address)
 {
-    // A free loopback port (the kernel's choice, released for the manager to bind).
-    int probe = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    const int probe = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     sockaddr_in addr{};
     addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_addr.s_addr = htonl(address);
     socklen_t len = sizeof addr;
-    ASSERT_EQ(::bind(probe, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
-    ASSERT_EQ(::getsockname(probe, reinterpret_cast<sockaddr*>(&addr), &len), 0);
-    const unsigned port = ntohs(addr.sin_port);
+    unsigned port = 0;
+    if (::bind(probe, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
+        ::getsockname(probe, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+        port = ntohs(addr.sin_port);
+    }
     ::close(probe);
+    return port;
+}
+
+TEST_F(SystemdTest, TcpSocketFromTheManagerNeedsTheToken)
+{
+    const unsigned port = free_port(INADDR_LOOPBACK);
+    ASSERT_NE(port, 0U);
 
     ASSERT_NO_FATAL_FAILURE(
         start_activated({socket_path().string(), fmt::format("127.0.0.1:{}", port)}));
@@ -217,15 +227,8 @@ TEST_F(SystemdTest, TcpSocketFromTheManagerNeedsTheToken)
 TEST_F(SystemdTest, TcpSocketFromTheManagerIsLoopbackOnlyUnlessAllowRemote)
 {
     // A free port on every address (0.0.0.0), which the loopback reaches too.
-    int probe = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_ANY);
-    socklen_t len = sizeof addr;
-    ASSERT_EQ(::bind(probe, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
-    ASSERT_EQ(::getsockname(probe, reinterpret_cast<sockaddr*>(&addr), &len), 0);
-    const unsigned port = ntohs(addr.sin_port);
-    ::close(probe);
+    const unsigned port = free_port(INADDR_ANY);
+    ASSERT_NE(port, 0U);
     const asio::ip::tcp::endpoint ep(asio::ip::make_address("127.0.0.1"),
                                      static_cast<unsigned short>(port));
     const std::string any = fmt::format("0.0.0.0:{}", port);
