@@ -1110,9 +1110,10 @@ void Supervisor::apply_restart_policy(std::shared_ptr<Entry> e)
         return;
     }
     if (e->state == MachineState::stopped && e->stop_reason.kind == StopReason::Kind::signal) {
+        // (on-failure returned above: this is not a failure.)
         spdlog::info("Machine '{}': QEMU quit on a termination signal from outside: not "
-                     "restarted (restart policy {}), as for an operator's stop",
-                     e->def.name, policy.policy == RestartPolicy::always ? "always" : "on-failure");
+                     "restarted (restart policy always), as for an operator's stop",
+                     e->def.name);
         return;
     }
     const auto now = std::chrono::steady_clock::now();
