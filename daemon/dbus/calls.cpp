@@ -195,6 +195,17 @@ awaitable<expected<BodyWriter>> execute_call(Service* s, std::string caller, std
     co_return string_body(json::to_string(result->value));
 }
 
+awaitable<expected<BodyWriter>> log_call(Service* s, std::string path,
+                                         std::optional<std::size_t> max_lines)
+{
+    auto text = co_await s->supervisor().read_log(std::move(path), max_lines,
+                                                  s->options().log_read_limit);
+    if (!text) {
+        co_return fail(text.error());
+    }
+    co_return string_body(std::move(*text));
+}
+
 awaitable<expected<BodyWriter>> wait_event_call(Service* s, std::string name, std::string event,
                                                 std::string match_json, std::uint64_t since,
                                                 std::uint64_t timeout_usec)

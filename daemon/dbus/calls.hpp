@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "daemon/dbus/service.hpp"
@@ -34,6 +35,10 @@ awaitable<expected<Service::BodyWriter>> stop_all_call(Service* s, std::string c
 // QMP passthrough: the reply is QEMU's `return` as JSON.
 awaitable<expected<Service::BodyWriter>> execute_call(Service* s, std::string caller, std::string name,
                                                       std::string command, std::string arguments_json);
+// The newest `max_lines` lines (all when nullopt) of the machine's QEMU log, read off the loop;
+// the reply is the text.
+awaitable<expected<Service::BodyWriter>> log_call(Service* s, std::string path,
+                                                  std::optional<std::size_t> max_lines);
 // The first event of the machine named `event` ("" any) matching `match_json` ("" any) after
 // `since` (0: from now) within `timeout_usec` (0: 30 s); the reply is the event as JSON.
 // errc::timeout when none came.

@@ -7,7 +7,6 @@
 
 #include "daemon/dbus/calls.hpp"
 #include "daemon/dbus/service.hpp"
-#include "daemon/log_tail.hpp"
 #include "daemon/supervisor/supervisor.hpp"
 #include "libmachine/json.hpp"
 
@@ -170,11 +169,7 @@ int method_get_log(sd_bus_message* m, void* userdata, sd_bus_error* error)
     if (tail > 0) {
         lines = tail;
     }
-    auto text = daemon::read_log_tail(info->log_path, lines, s.options().log_read_limit);
-    if (!text) {
-        return Service::set_error(text.error(), error);
-    }
-    return sd_bus_reply_method_return(m, "s", text->c_str());
+    return s.reply_later(m, log_call(&s, info->log_path, lines));
 }
 
 int method_wait_event(sd_bus_message* m, void* userdata, sd_bus_error* error)

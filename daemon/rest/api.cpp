@@ -382,7 +382,7 @@ awaitable<Response> Api::dispatch(RouteMatch m, Request req)
         break;
     case Route::log:
     case Route::console_log:
-        r = log(m.name, m.query, route == Route::console_log);
+        r = co_await log(m.name, m.query, route == Route::console_log);
         break;
     case Route::machines_create:
         r = co_await create(std::move(req));
@@ -497,26 +497,30 @@ Response Api::get(const std::string& name) const
     return machine_response(200, *info, supervisor_.events().last_seq());
 }
 
-Response Api::log(const std::string& name, const Query& query, bool console) const
+awaitable<Response> Api::log(std::string name, Query query, bool console) const
 {
     std::optional<std::size_t> tail;
     if (const std::string* t = query_value(query, "tail")) {
         auto n = parse_uint(*t);
         if (!n || *n > 1000000) {
-            return bad_request("tail must be a whole number of lines, 0 to 1000000", "tail");
+            co_return bad_request("tail must be a whole number of lines, 0 to 1000000", "tail");
         }
         tail = static_cast<std::size_t>(*n);
     }
     auto info = supervisor_.inspect(name);
     if (!info) {
-        return problem_response(make_problem(info.error()));
+        co_return problem_response(make_problem(info.error()));
     }
-    const std::string& path = console ? info->console_log_path : info->log_path;
+    std::string path = info->log_path;
+    if (console) {
+        path = info->console_log_path;
+    }
     std::string text;
     if (!path.empty()) {
-        auto read = read_log_tail(path, tail, options_.log_read_limit);
+        // Off the loop: up to log_read_limit bytes.
+        auto read = co_await supervisor_.read_log(std::move(path), tail, options_.log_read_limit);
         if (!read) {
-            return problem_response(make_problem(read.error()));
+            co_return problem_response(make_problem(read.error()));
         }
         text = std::move(*read);
     }
@@ -524,7 +528,7 @@ Response Api::log(const std::string& name, const Query& query, bool console) con
     r.status = 200;
     r.content_type = text_media_type;
     r.body = std::move(text);
-    return r;
+    co_return r;
 }
 
 awaitable<Response> Api::create(Request req)

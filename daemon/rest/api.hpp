@@ -105,7 +105,7 @@ private:
     Response metrics();
     Response list() const;
     Response get(const std::string& name) const;
-    Response log(const std::string& name, const Query& query, bool console) const;
+    awaitable<Response> log(std::string name, Query query, bool console) const;
     // The route's handler, after the name and query checks.
     awaitable<Response> dispatch(RouteMatch m, Request req);
     awaitable<Response> create(Request req);

@@ -20,6 +20,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include "daemon/log_tail.hpp"
+
 namespace qm::daemon {
 
 namespace {
@@ -404,6 +406,40 @@ awaitable<expected<void>> Store::remove(std::string name)
         return remove_file_synced(dir, file);
     };
     return run_on_worker(worker_->ioc.get_executor(), ioc_.get_executor(), std::move(job));
+}
+
+namespace {
+
+// The coroutine of Store::read_tail: it names no Store, which may be gone when it resumes.
+awaitable<expected<std::string>> read_tail_on(asio::io_context::executor_type worker,
+                                              asio::any_io_executor loop, std::string path,
+                                              std::optional<std::size_t> max_lines,
+                                              std::size_t limit)
+{
+    auto text = std::make_shared<std::string>();
+    auto job = [path = std::move(path), max_lines, limit, text]() -> expected<void> {
+        auto read = read_log_tail(path, max_lines, limit);
+        if (!read) {
+            return fail(std::move(read).error());
+        }
+        *text = std::move(*read);
+        return {};
+    };
+    auto done = co_await run_on_worker(worker, loop, std::move(job));
+    if (!done) {
+        co_return fail(std::move(done).error());
+    }
+    co_return std::move(*text);
+}
+
+} // namespace
+
+awaitable<expected<std::string>> Store::read_tail(std::string path,
+                                                  std::optional<std::size_t> max_lines,
+                                                  std::size_t limit)
+{
+    return read_tail_on(worker_->ioc.get_executor(), ioc_.get_executor(), std::move(path),
+                        max_lines, limit);
 }
 
 std::vector<LoadedFile>

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -79,6 +80,13 @@ public:
     // Removes "<name>.json" (and syncs the directory) on the worker thread. Removing a file that
     // does not exist succeeds.
     awaitable<expected<void>> remove(std::string name);
+
+    // read_log_tail(path, max_lines, limit) on the worker thread (after the writes queued before
+    // it), so that reading up to `limit` bytes of a log never holds the loop; completes on the
+    // loop thread.
+    awaitable<expected<std::string>> read_tail(std::string path,
+                                               std::optional<std::size_t> max_lines,
+                                               std::size_t limit);
 
     // Test hook: runs after each step of every later save (on the worker thread).
     void set_write_hook(std::function<void(WriteStep)> hook);

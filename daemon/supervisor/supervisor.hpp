@@ -226,6 +226,15 @@ public:
                                           std::optional<std::uint64_t> since,
                                           std::chrono::milliseconds timeout);
 
+    // The newest `max_lines` lines (all when nullopt) of at most `limit` bytes of the log at `path`
+    // (a machine's log_path or console_log_path), read off the loop (read_log_tail on the store's
+    // worker thread). A missing file is empty.
+    awaitable<expected<std::string>> read_log(std::string path, std::optional<std::size_t> max_lines,
+                                              std::size_t limit)
+    {
+        return store_.read_tail(std::move(path), max_lines, limit);
+    }
+
     EventBus& events() noexcept { return events_; }
     // The daemon's metrics (docs/rest.md lists them); the front ends add their own series.
     Registry& metrics() noexcept { return metrics_; }

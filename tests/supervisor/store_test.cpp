@@ -311,6 +311,51 @@ TEST_F(StoreTest, TheLoopRunsWhileASaveIsInFlight)
     EXPECT_TRUE(*results->front().result);
 }
 
+awaitable<void> read_into(Store* store, std::string path, std::optional<std::size_t> lines,
+                          std::optional<expected<std::string>>* out)
+{
+    *out = co_await store->read_tail(std::move(path), lines, 1 << 20);
+}
+
+TEST_F(StoreTest, LogTailsAreReadOnTheWorkerAfterTheWritesBeforeThem)
+{
+    // A log read is a job of the worker's queue: it waits behind a save the hook holds, while
+    // the loop keeps running, and completes after it. A read on the loop would be done at once.
+    const fs::path log = dir_ / "m.log";
+    {
+        std::ofstream f(log);
+        f << "one\ntwo\nthree\nfour\nfive\n";
+    }
+    Store store(ioc_, dir_.string());
+    std::promise<void> release;
+    auto released = release.get_future();
+    store.set_write_hook([&](WriteStep s) {
+        if (s == WriteStep::temp_written) {
+            released.wait_for(10s);
+        }
+    });
+    auto saves = std::make_shared<std::vector<SaveResult>>();
+    asio::co_spawn(ioc_, save_into(&store, "a", "{}", 0, saves), log_exception);
+    std::optional<expected<std::string>> read;
+    asio::co_spawn(ioc_, read_into(&store, log.string(), 2, &read), log_exception);
+    run_until(ioc_, [] { return false; }, 100ms);
+    EXPECT_FALSE(read.has_value()) << "the read did not wait for the worker";
+    EXPECT_TRUE(saves->empty());
+    release.set_value();
+    ASSERT_TRUE(run_until(ioc_, [&] { return read.has_value(); }, 20s));
+    EXPECT_EQ(saves->size(), 1u); // completed first
+    ASSERT_TRUE(*read) << describe(read->error());
+    EXPECT_EQ(**read, "four\nfive\n");
+
+    // Bounded: the last bytes, from the first whole line in them; a missing file is empty.
+    auto limited = run_co(ioc_, store.read_tail(log.string(), std::nullopt, 12));
+    ASSERT_TRUE(limited) << describe(limited.error());
+    EXPECT_EQ(*limited, "four\nfive\n");
+    auto missing = run_co(ioc_, store.read_tail((dir_ / "none.log").string(), std::nullopt, 64));
+    ASSERT_TRUE(missing) << describe(missing.error());
+    EXPECT_EQ(*missing, "");
+}
+
 TEST_F(StoreTest, IoContextRunWaitsForASaveInFlight)
 {
     // A write in flight counts as work on the loop (co_spawn's own count does too): run()
