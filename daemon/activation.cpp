@@ -1,20 +1,22 @@
 // SPDX-License-Identifier: GPL-2.0-or-later
 #include "daemon/activation.hpp"
 
-#include <arpa/inet.h>
 #include <fcntl.h>
-#include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include <cstdlib>
 #include <cstring>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 #include <systemd/sd-daemon.h>
+
+#include "libmachine/asio.hpp"
 
 namespace qm::daemon {
 
@@ -32,40 +34,21 @@ std::string unix_path_of(int fd)
     return std::string(addr.sun_path, ::strnlen(addr.sun_path, max));
 }
 
-std::string inet_address_of(int fd)
+// The address and port a TCP socket is bound to, as "127.0.0.1:8080" or "[::1]:8080", and
+// whether it is a loopback address, by rest-listen's rule (asio's is_loopback, as config.cpp).
+std::pair<std::string, bool> tcp_address_of(int fd)
 {
-    sockaddr_storage addr{};
-    socklen_t len = sizeof addr;
-    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-        return "?";
+    asio::ip::tcp::endpoint ep;
+    socklen_t len = static_cast<socklen_t>(ep.capacity());
+    if (::getsockname(fd, ep.data(), &len) != 0) {
+        return {"?", false};
     }
-    char text[INET6_ADDRSTRLEN] = "?";
-    if (addr.ss_family == AF_INET) {
-        const auto* in = reinterpret_cast<const sockaddr_in*>(&addr);
-        ::inet_ntop(AF_INET, &in->sin_addr, text, sizeof text);
-        return fmt::format("{}:{}", text, ntohs(in->sin_port));
-    }
-    const auto* in6 = reinterpret_cast<const sockaddr_in6*>(&addr);
-    ::inet_ntop(AF_INET6, &in6->sin6_addr, text, sizeof text);
-    return fmt::format("[{}]:{}", text, ntohs(in6->sin6_port));
-}
-
-bool is_loopback_socket(int fd)
-{
-    sockaddr_storage addr{};
-    socklen_t len = sizeof addr;
-    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-        return false;
-    }
-    if (addr.ss_family == AF_INET) {
-        const auto* in = reinterpret_cast<const sockaddr_in*>(&addr);
-        return (ntohl(in->sin_addr.s_addr) >> 24) == 127;
-    }
-    const auto* in6 = reinterpret_cast<const sockaddr_in6*>(&addr);
-    if (IN6_IS_ADDR_V4MAPPED(&in6->sin6_addr)) {
-        return in6->sin6_addr.s6_addr[12] == 127;
-    }
-    return IN6_IS_ADDR_LOOPBACK(&in6->sin6_addr);
+    ep.resize(len);
+    const auto address = ep.address();
+    std::string text = address.is_v6()
+                           ? fmt::format("[{}]:{}", address.to_string(), ep.port())
+                           : fmt::format("{}:{}", address.to_string(), ep.port());
+    return {std::move(text), address.is_loopback()};
 }
 
 } // namespace
@@ -115,8 +98,7 @@ expected<ActivatedSockets> take_activated_sockets()
                 return refuse(fd, "is a second TCP socket: qmachined serves REST on one");
             }
             out.tcp_fd = fd;
-            out.tcp_address = inet_address_of(fd);
-            out.tcp_loopback = is_loopback_socket(fd);
+            std::tie(out.tcp_address, out.tcp_loopback) = tcp_address_of(fd);
         } else {
             return refuse(fd, "is not a listening stream socket (unix or TCP): the REST API "
                               "needs ListenStream=");

@@ -18,7 +18,7 @@ struct ActivatedSockets
     std::string unix_path; // where the unix socket is bound ("" for an abstract or unnamed one)
     int tcp_fd = -1;
     std::string tcp_address; // "127.0.0.1:8080", "[::1]:8080"
-    bool tcp_loopback = false; // bound to 127.0.0.0/8, ::1 or ::ffff:127.0.0.0/104
+    bool tcp_loopback = false; // bound to 127.0.0.0/8 or ::1 (rest-listen's rule)
 
     bool any() const noexcept { return unix_fd >= 0 || tcp_fd >= 0; }
 };

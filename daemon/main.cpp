@@ -181,6 +181,15 @@ qm::expected<void> resolve_qemu_user(const Config& config, qm::daemon::Superviso
     return {};
 }
 
+// A REST listener on a non-loopback address (rest-allow-remote): said loudly.
+void warn_remote(const std::string& where)
+{
+    spdlog::warn("REST listens on {}, which is not a loopback address (--rest-allow-remote): "
+                 "anyone who can reach it and holds the token controls every machine, over plain "
+                 "HTTP",
+                 where);
+}
+
 qm::rest::ApiOptions api_options(const Config& config)
 {
     qm::rest::ApiOptions options;
@@ -429,6 +438,9 @@ private:
                              activated_.tcp_address, config_.rest_listen);
             }
             options.tcp_fd = std::exchange(activated_.tcp_fd, -1);
+            if (!activated_.tcp_loopback) { // allowed: main() refused it otherwise
+                warn_remote(activated_.tcp_address + " (passed by the service manager)");
+            }
             auto token = qm::rest::load_or_create_token(qm::daemon::rest_token_path(config_));
             if (!token) {
                 return qm::fail(token.error());
@@ -447,9 +459,7 @@ private:
             options.token = std::move(*token);
             const auto address = options.tcp->address();
             if (!address.is_loopback()) {
-                spdlog::warn("REST listens on {}, which is not a loopback address "
-                             "(--rest-allow-remote): anyone who can reach it and holds the token "
-                             "controls every machine, over plain HTTP", address.to_string());
+                warn_remote(address.to_string());
             }
         }
         // The server counts its requests and connections in the supervisor's registry, which
@@ -648,19 +658,13 @@ int main(int argc, char** argv)
     }
     ActivatedGuard activated_guard{&*activated};
     // A TCP socket from the manager follows rest-listen's rule: loopback only, unless
-    // rest-allow-remote (then said loudly, as for rest-listen).
-    if (activated->tcp_fd >= 0 && !activated->tcp_loopback) {
-        if (!config.rest_allow_remote) {
-            spdlog::critical("Failed to start: socket activation: the TCP socket {} is not on a "
-                             "loopback address; add --rest-allow-remote to accept connections "
-                             "from other hosts",
-                             activated->tcp_address);
-            return 1;
-        }
-        spdlog::warn("REST listens on {} (passed by the service manager), which is not a loopback "
-                     "address (--rest-allow-remote): anyone who can reach it and holds the token "
-                     "controls every machine, over plain HTTP",
-                     activated->tcp_address);
+    // rest-allow-remote (then said loudly when it is served, as for rest-listen).
+    if (activated->tcp_fd >= 0 && !activated->tcp_loopback && !config.rest_allow_remote) {
+        spdlog::critical("Failed to start: socket activation: the TCP socket {} is not on a "
+                         "loopback address; add --rest-allow-remote to accept connections from "
+                         "other hosts",
+                         activated->tcp_address);
+        return 1;
     }
     raise_fd_limit();
     // The group qmachined (sysusers.d) administers a root daemon: its members reach the REST
