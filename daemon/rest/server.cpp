@@ -61,6 +61,10 @@ std::string_view trim(std::string_view s)
     return s;
 }
 
+// Whether a session's sockets are TCP (the other kind is the unix socket): each kind has its own
+// connection limit.
+template <typename Protocol>
+constexpr bool is_tcp = !std::is_same_v<Protocol, asio::local::stream_protocol>;
 
 // After an answer sent before the request was read to its end (413, 431, 408, 400): stop sending,
 // then read and drop what the client still sends, for a while, before the caller closes. Closing
@@ -456,8 +460,7 @@ awaitable<void> Server::accept_loop(typename Protocol::acceptor& acceptor, bool 
             co_await pause.async_wait(use_ec(ec));
             continue;
         }
-        constexpr bool tcp = !std::is_same_v<Protocol, asio::local::stream_protocol>;
-        if ((tcp ? tcp_sessions_ : sessions_.size() - tcp_sessions_) >= options_.max_connections) {
+        if ((is_tcp<Protocol> ? tcp_sessions_ : sessions_.size() - tcp_sessions_) >= options_.max_connections) {
             asio::co_spawn(ioc_, refuse<Protocol>(std::move(socket)), asio::detached);
             continue;
         }
@@ -500,7 +503,7 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
     // Who is at the other end, for the audit lines: read once, at accept (SO_PEERCRED gives the
     // credentials of connect() anyway).
     daemon::Caller caller;
-    if constexpr (std::is_same_v<Protocol, asio::local::stream_protocol>) {
+    if constexpr (!is_tcp<Protocol>) {
         caller = daemon::unix_socket_caller(socket.native_handle());
     } else {
         error_code peer_ec;
@@ -523,7 +526,7 @@ awaitable<void> Server::session(typename Protocol::socket socket, bool needs_tok
         error_code ignored;
         socket.cancel(ignored);
     };
-    slot.tcp = !std::is_same_v<Protocol, asio::local::stream_protocol>;
+    slot.tcp = is_tcp<Protocol>;
     tcp_sessions_ += slot.tcp ? 1 : 0;
     sessions_.emplace(id, std::move(slot));
     if (!sweeping_) {
