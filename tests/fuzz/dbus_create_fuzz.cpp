@@ -38,7 +38,6 @@
 #include <string>
 #include <string_view>
 
-#include <stdlib.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -84,7 +83,8 @@ bool printable_ascii(std::string_view s)
 struct Fixture
 {
     qm::asio::io_context ioc{1};
-    fs::path root;
+    qm::fuzz::ScratchDir scratch{"qm-dbus-fuzz"};
+    const fs::path root = scratch.path();
     std::unique_ptr<qm::daemon::Supervisor> supervisor;
     std::unique_ptr<qm::dbus::Service> service;
     // A client connection of our own (a socketpair nobody reads): CreateMachine messages are built
@@ -94,11 +94,6 @@ struct Fixture
     Fixture()
     {
         spdlog::set_level(spdlog::level::off);
-        std::string base =
-            fs::is_directory("/dev/shm") ? "/dev/shm" : fs::temp_directory_path().string();
-        std::string tmpl = base + "/qm-dbus-fuzz-XXXXXX";
-        check(::mkdtemp(tmpl.data()) != nullptr, "cannot create the temporary directory");
-        root = tmpl;
         qm::daemon::SupervisorOptions options;
         options.state_dir = (root / "state").string();
         options.runtime_dir = (root / "run").string();
@@ -125,8 +120,6 @@ struct Fixture
         ioc.poll();
         sd_bus_close_unref(client);
         ::close(peer_fd);
-        std::error_code ec;
-        fs::remove_all(root, ec);
     }
     Fixture(const Fixture&) = delete;
     Fixture& operator=(const Fixture&) = delete;

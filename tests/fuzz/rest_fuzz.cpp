@@ -40,7 +40,6 @@
 #include <string_view>
 #include <variant>
 
-#include <stdlib.h> // mkdtemp
 #include <unistd.h>
 
 #include <spdlog/spdlog.h>
@@ -119,19 +118,14 @@ private:
 struct Fixture
 {
     qm::asio::io_context ioc{1};
-    fs::path root;
+    qm::fuzz::ScratchDir scratch{"qm-rest-fuzz"};
+    const fs::path root = scratch.path();
     qm::daemon::SupervisorOptions options;
     std::string vm1_definition; // vm1's definition file, as the state directory holds it
 
     Fixture()
     {
         spdlog::set_level(spdlog::level::off);
-        // tmpfs when there is one: every create and delete syncs the state directory.
-        std::string base =
-            fs::is_directory("/dev/shm") ? "/dev/shm" : fs::temp_directory_path().string();
-        std::string tmpl = base + "/qm-rest-fuzz-XXXXXX";
-        check(::mkdtemp(tmpl.data()) != nullptr, "cannot create the temporary directory");
-        root = tmpl;
         options.state_dir = (root / "state").string();
         options.runtime_dir = (root / "run").string();
         options.events.seq_base = 1000; // the same numbers for every input
@@ -155,11 +149,6 @@ struct Fixture
         vm1_definition.assign(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
         check(!vm1_definition.empty(), "vm1 has no definition file");
         finish(std::move(sup));
-    }
-    ~Fixture()
-    {
-        std::error_code ec;
-        fs::remove_all(root, ec);
     }
     Fixture(const Fixture&) = delete;
     Fixture& operator=(const Fixture&) = delete;

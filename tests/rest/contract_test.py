@@ -430,17 +430,23 @@ def websocket_handshake(socket_path, target, timeout_s=10):
         sock.sendall((f'GET {target} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n'
                       f'Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n'
                       'Sec-WebSocket-Version: 13\r\n\r\n').encode())
-        data = b''
-        while b'\r\n\r\n' not in data:
-            more = sock.recv(4096)
-            if not more:
-                break
-            data += more
+        data = recv_until(sock, b'\r\n\r\n')
     except OSError:
         sock.close()
         raise
     status, headers, rest = parse_answer(data)
     return Response('GET', target, status, headers, b'', ''), key, sock, rest
+
+
+def recv_until(sock, marker):
+    """What `sock` sends until `marker` is in it (or the peer closes)."""
+    data = b''
+    while marker not in data:
+        more = sock.recv(4096)
+        if not more:
+            break
+        data += more
+    return data
 
 
 def parse_answer(data):
@@ -1227,12 +1233,7 @@ def check_limits(tap, contract, binary, tmp):
         stream.settimeout(10)
         stream.connect(d.socket)
         stream.sendall(b'GET /v1/events HTTP/1.1\r\nHost: localhost\r\n\r\n')
-        first = b''
-        while b': subscribed' not in first:
-            more = stream.recv(4096)
-            if not more:
-                break
-            first += more
+        first = recv_until(stream, b': subscribed')
         tap.result('an event stream is open', [] if b': subscribed' in first else [f'{first!r}'])
         s.send('a subscriber over rest-max-subscribers', 'GET', '/v1/events', 429,
                check=problem_is('LimitExceeded'))
